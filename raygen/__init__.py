@@ -1,0 +1,1 @@
+"""raygen: a Ray-native platform for training and evaluating generative image models."""

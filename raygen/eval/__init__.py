@@ -1,0 +1,1 @@
+"""Evaluation: Fréchet distance over pluggable feature extractors (`fid`) and image grids (`grid`)."""

@@ -1,0 +1,122 @@
+"""DiT recipe: class-conditional DiT (raygen.nets.dit) + DDPM/DDIM (raygen.methods.ddpm) on an image
+dataset, trained by the generic loop and evaluated with FID, class accuracy and a DDIM step sweep."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from raygen.config import ConfigError
+from raygen.data import images as image_data
+from raygen.eval.evaluate import EvalConfig
+from raygen.methods.ddpm import DDPM, DDPMConfig
+from raygen.nets.dit import DIT_SIZES, dit
+from raygen.train.loop import DebugConfig, LogConfig, OptimConfig, TrainConfig
+
+NAME = "dit"
+
+
+@dataclass
+class RunSection:
+    name: Optional[str] = None  # a named run resumes when started again with the same name
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "DiT-T/4"  # DiT-{T,S,B,L,XL}/{2,4,8}
+    hidden_size: Optional[int] = None  # overrides of the named size
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    mlp_ratio: float = 4.0
+
+    def validate(self):
+        size, _, patch = self.arch.removeprefix("DiT-").partition("/")
+        if size not in DIT_SIZES or patch not in ("2", "4", "8"):
+            raise ConfigError(f"model.arch={self.arch!r} is not a DiT size; use DiT-<T|S|B|L|XL>/<2|4|8>")
+
+
+@dataclass
+class DiTConfig:
+    run: RunSection = field(default_factory=RunSection)
+    data: image_data.ImageDataConfig = field(default_factory=image_data.ImageDataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: DDPMConfig = field(default_factory=DDPMConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+    def validate(self):
+        patch = int(self.model.arch.rsplit("/", 1)[1])
+        if self.data.resolution % patch:
+            raise ConfigError(
+                f"data.resolution={self.data.resolution} is not divisible by the patch size {patch} of "
+                f"model.arch={self.model.arch}"
+            )
+
+
+class DiTTask:
+    """What the generic loop and the evaluator need: the network, the method, previews."""
+
+    recipe = NAME
+
+    def __init__(self, cfg: DiTConfig):
+        self.cfg = cfg
+        self.class_names = image_data.class_names(cfg.data)
+        self.num_classes = len(self.class_names)
+        self.image_shape = (image_data.channels(cfg.data), cfg.data.resolution, cfg.data.resolution)
+        self.preview_upscale = max(1, 64 // cfg.data.resolution)
+
+    def build_net(self) -> torch.nn.Module:
+        m = self.cfg.model
+        overrides = {k: v for k in ("hidden_size", "depth", "num_heads") if (v := getattr(m, k)) is not None}
+        return dit(m.arch, input_size=self.cfg.data.resolution, in_channels=self.image_shape[0],
+                   num_classes=self.num_classes, mlp_ratio=m.mlp_ratio, **overrides)
+
+    def build_method(self) -> DDPM:
+        return DDPM(self.cfg.method, self.num_classes)
+
+    def generate(self, method: DDPM, net, labels: torch.Tensor, generator: torch.Generator, **sampler) -> torch.Tensor:
+        """Images in [-1, 1] for `labels`; noise comes from `generator` (reproducible)."""
+        device = next(net.parameters()).device
+        noise = torch.randn((len(labels), *self.image_shape), generator=generator, device=generator.device)
+        return method.sample(net, noise.to(device), labels.to(device), generator=generator, **sampler)
+
+    def preview(self, net, generator: torch.Generator, per_class: int = 8) -> torch.Tensor:
+        """A class-per-column grid: `per_class` rows of every class."""
+        labels = torch.arange(self.num_classes).repeat(per_class)
+        return self.generate(self.build_method(), net, labels, generator)
+
+    def datasets(self) -> dict:
+        return {"train": image_data.build_dataset(self.cfg.data, "train")}
+
+
+def run(cfg: DiTConfig, run_dir) -> dict:
+    """Train under Ray Train, then evaluate the EMA weights in a Ray task. Returns eval metrics."""
+    import ray
+
+    from raygen.eval.evaluate import evaluate
+    from raygen.train.loop import fit, plot_metrics, final_state
+
+    task = DiTTask(cfg)
+    result = fit(task, run_dir, task.datasets())
+    plot_metrics(run_dir)
+    if not cfg.eval.enabled:
+        return {}
+    ema = final_state(result)["ema"]
+    use_gpu = (cfg.train.use_gpu if cfg.train.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0)
+    cpus = cfg.eval.cpus or max(1, int(ray.available_resources().get("CPU", 1)))
+    remote = ray.remote(num_cpus=cpus, num_gpus=1 if use_gpu else 0)(evaluate)
+    return ray.get(remote.remote(task, ema, str(run_dir), cpus))
+
+
+def main(argv=None):
+    """The `jobs/dit.py` entry point; returns the run directory."""
+    from raygen.cli import guarded, init_ray, report, setup_job
+
+    cfg, run_dir, _ = setup_job(NAME, DiTConfig, argv)
+    init_ray()
+    report(run_dir, guarded(run, cfg, run_dir))
+    return run_dir

@@ -1,0 +1,84 @@
+"""Rank-0 metric sinks: `metrics.jsonl` (always), TensorBoard and Weights & Biases (optional).
+
+W&B runs offline when no API key is configured, so a run never blocks on a login prompt or the
+network; `wandb sync <run_dir>/wandb/offline-run-*` uploads it later.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a crash mid-write
+                continue
+    return out
+
+
+def truncate_metrics(run_dir: Path, last_step: int) -> None:
+    """Drop records after `last_step` (written after the checkpoint we resume from), so every step
+    appears once in metrics.jsonl after a restart."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return
+    keep = [r for r in read_metrics(run_dir) if r.get("step", 0) <= last_step]
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    os.replace(tmp, path)
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, config: dict, *, tensorboard: bool, wandb: bool, wandb_project: str,
+                 run_name: str, group: str | None = None):
+        self.run_dir = Path(run_dir)
+        self.file = open(self.run_dir / METRICS_FILE, "a", buffering=1)
+        self.tb = None
+        self.wandb_run = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        if wandb:
+            import wandb as wb
+
+            if not (os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE")):
+                os.environ["WANDB_MODE"] = "offline"
+            self.wandb_run = wb.init(
+                project=wandb_project, name=run_name, group=group, config=config, dir=str(self.run_dir),
+                id=run_name.replace("/", "-"), resume="allow", settings=wb.Settings(console="off", silent=True),
+            )
+
+    def log(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        step = record["step"]
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, step)
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=step)
+
+    def log_image(self, tag: str, path: Path, step: int) -> None:
+        if self.wandb_run is not None:
+            import wandb as wb
+
+            self.wandb_run.log({tag: wb.Image(str(path))}, step=step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()

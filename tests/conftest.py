@@ -1,0 +1,30 @@
+"""One real Ray cluster per test session (ray.init costs ~8 s here: platform-notes.md), a shared
+cache for the digits classifier, and W&B kept offline."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _env(tmp_path_factory):
+    os.environ.setdefault("RAYGEN_CACHE", str(tmp_path_factory.mktemp("raygen_cache")))
+    os.environ["WANDB_MODE"] = "offline"
+    os.environ.setdefault("WANDB_SILENT", "true")
+    yield
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    from raygen.cli import init_ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True, configure_logging=False)
+    init_ray()  # the job's own data-context settings
+    yield ray
+    ray.shutdown()
