@@ -1,13 +1,16 @@
 """One DiT training step (forward + MSE loss + backward, with zero_grad): raygen.nets.dit vs diffusers'
 DiTTransformer2DModel (a faithful port of the reference DiT) at the same size, in one process.
 
-The two models are timed in alternating blocks (the order flips every repeat) and the median block is
-taken, so machine noise hits both alike. Both run in train() mode, fp32 or bf16 autocast, eager unless
---compile. With --device cuda it also counts the model FLOPs of one raygen step
-(torch.utils.flop_counter) and reports model-FLOPs utilisation against --peak-tflops.
+The two models are timed in alternating blocks (the order flips every repeat), so machine noise hits
+both alike: `ratio` divides the two median blocks, `paired_ratio` is the median of the per-repeat ratios. Both run in train() mode (diffusers then draws its 10% label
+dropout inside the net, a few tiny ops), fp32 or bf16 autocast, eager unless --compile. It counts the
+model FLOPs of one raygen step (torch.utils.flop_counter); on a GPU it reports model-FLOPs utilisation
+against --peak-tflops. On a CPU that other processes keep busy, OpenMP's spinning waits make every
+parallel op expensive, which favours the model with fewer ops: compare with OMP_WAIT_POLICY=PASSIVE
+or --threads 1 (the JSON records the load average and the policy).
 
-    python bench/dit_step.py                                   # CPU default -> bench/results/dit_step.json
-    python bench/dit_step.py --device cuda --dtype bf16 --model B/2 --batch 64
+    python bench/dit_step.py                       # CPU: DiT-S/2 at depth 4, batch 8 -> bench/results/dit_step.json
+    python bench/dit_step.py --device cuda --dtype bf16 --model B/2   # batch 256 -> dit_step_<gpu>.json
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import os
 import re
 import statistics
 import sys
@@ -32,20 +36,28 @@ from raygen.nets.dit import DIT_SIZES, dit  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="S/2", help="size/patch, e.g. S/2, B/2, XL/2 (sizes: %s)" % ", ".join(DIT_SIZES))
-    p.add_argument("--depth", type=int, default=None, help="override the named depth")
+    p.add_argument("--depth", type=int, default=None, help="override the named depth (CPU default: 4)")
     p.add_argument("--input-size", type=int, default=32)
     p.add_argument("--channels", type=int, default=4)
     p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=None, help="default: 8 on CPU, 256 on a GPU")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast, fp32 weights")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
-    p.add_argument("--repeats", type=int, default=5, help="timed blocks per model")
-    p.add_argument("--steps", type=int, default=2, help="steps per timed block")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=None, help="timed blocks per model (default 10)")
+    p.add_argument("--steps", type=int, default=None, help="steps per timed block (CPU 1, GPU 10)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per model (CPU 1, GPU 5)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="for MFU (989 = H100 SXM dense bf16)")
     p.add_argument("--out", default=None, help="results JSON (default: bench/results/dit_step[_<device>].json)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    cpu = args.device == "cpu"
+    for name, cpu_default, gpu_default in (("batch", 8, 256), ("repeats", 10, 10), ("steps", 1, 10), ("warmup", 1, 5)):
+        if getattr(args, name) is None:
+            setattr(args, name, cpu_default if cpu else gpu_default)
+    if args.depth is None and cpu and args.model == "S/2":
+        args.depth = 4  # full-depth DiT-S/2 took 3-12 s a step on the 2 shared cores this was tuned on
+    return args
 
 
 def build(args):
@@ -83,6 +95,8 @@ def device_name(device: torch.device) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cfg, ours, ref = build(args)
     ours, ref = ours.to(device).train(), ref.to(device).train()
@@ -126,33 +140,47 @@ def main(argv=None):
     sec = {k: statistics.median(v) for k, v in times.items()}
     sps = {k: 1.0 / v for k, v in sec.items()}
     ratio = sps["raygen"] / sps["diffusers"]
+    # each repeat times the two models back to back: the median of those pairs' ratios follows slow drifts
+    paired = statistics.median(d / r for r, d in zip(times["raygen"], times["diffusers"]))
 
     result = dict(
-        ratio=round(ratio, 4),
+        ratio=round(ratio, 4), paired_ratio=round(paired, 4),
         raygen_steps_per_s=round(sps["raygen"], 4), diffusers_steps_per_s=round(sps["diffusers"], 4),
-        raygen_block_s=[round(v, 4) for v in times["raygen"]], diffusers_block_s=[round(v, 4) for v in times["diffusers"]],
+        **{f"{k}_block_s": [round(v, 4) for v in times[k]] for k in times},
         config=dict(model=f"DiT-{args.model}", **cfg, batch=b, tokens=(s // cfg["patch_size"]) ** 2, dtype=args.dtype,
                     compile=args.compile, repeats=args.repeats, steps_per_block=args.steps, warmup=args.warmup,
                     params_raygen=sum(p.numel() for p in ours.parameters()),
                     params_diffusers=sum(p.numel() for p in ref.parameters())),
         device=device_name(device), torch_threads=torch.get_num_threads() if device.type == "cpu" else None,
+        loadavg_1min=round(os.getloadavg()[0], 2),  # other work on the machine while it ran
+        omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
         torch=torch.__version__, diffusers=__import__("diffusers").__version__,
         date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
     )
     print(f"{result['device']} | DiT-{args.model} depth {cfg['depth']} batch {b} {args.dtype}"
           f"{' compiled' if args.compile else ''}: raygen {sps['raygen']:.3f} steps/s, "
-          f"diffusers {sps['diffusers']:.3f} steps/s, ratio {ratio:.3f}")
-    if device.type == "cuda":
-        from torch.utils.flop_counter import FlopCounterMode
+          f"diffusers {sps['diffusers']:.3f} steps/s, ratio {ratio:.3f} (median of paired blocks {paired:.3f})")
+    if device.type == "cpu" and result["loadavg_1min"] > os.cpu_count():
+        print(f"warning: load average {result['loadavg_1min']} > {os.cpu_count()} cores: other work competes for "
+              "the cores, and with OpenMP's spinning waits that penalises every parallel op (the model with fewer "
+              "ops wins); OMP_WAIT_POLICY=PASSIVE or --threads 1 measure the compute instead")
 
-        with FlopCounterMode(display=False) as fc:
-            step("raygen")
-        flops = fc.get_total_flops()
-        result.update(flops_per_step=flops, peak_tflops=args.peak_tflops,
-                      **{f"{k}_tflops": round(flops * v / 1e12, 2) for k, v in sps.items()},
+    # model FLOPs of one raygen step (matmuls + attention; the same for diffusers), counted on an eager step
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ours.zero_grad(set_to_none=True)
+    with FlopCounterMode(display=False) as fc, autocast():
+        F.mse_loss(ours(x, t, y).float(), target).backward()
+    flops = fc.get_total_flops()
+    result.update(flops_per_step=flops, **{f"{k}_tflops": round(flops * v / 1e12, 4) for k, v in sps.items()})
+    if device.type == "cuda":
+        result.update(peak_tflops=args.peak_tflops,
                       **{f"{k}_mfu": round(flops * v / (args.peak_tflops * 1e12), 4) for k, v in sps.items()})
         print(f"{flops / 1e12:.3f} TFLOP/step; MFU raygen {result['raygen_mfu']:.1%}, "
               f"diffusers {result['diffusers_mfu']:.1%} (of {args.peak_tflops:g} TFLOPS)")
+    else:
+        print(f"{flops / 1e9:.1f} GFLOP/step: raygen {result['raygen_tflops'] * 1e3:.1f} GFLOP/s, "
+              f"diffusers {result['diffusers_tflops'] * 1e3:.1f} GFLOP/s")
     if args.out:
         out = Path(args.out)
     else:

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -29,9 +30,10 @@ from raygen.train.logging import read_metrics  # noqa: E402
 from raygen.train.state import EMA, lr_factor  # noqa: E402
 
 
-def plain_loop(task: DiTTask, steps: int, warmup: int) -> tuple[float, float]:
+def plain_loop(task: DiTTask, steps: int, warmup: int, window: int) -> tuple[list[float], float]:
     """The loop a researcher writes by hand: tensors in memory, a reshuffle per epoch, the same loss,
-    AdamW, clipping, LR schedule and EMA. Returns (steady steps/s, seconds before the first step)."""
+    AdamW, clipping, LR schedule and EMA. Returns (steps/s of each `window` steps after `warmup`,
+    seconds before the first step)."""
     t_start = time.perf_counter()
     cfg = task.cfg
     torch.set_num_threads(os.cpu_count() or 1)
@@ -45,8 +47,11 @@ def plain_loop(task: DiTTask, steps: int, warmup: int) -> tuple[float, float]:
     g = torch.Generator().manual_seed(0)
     bs, perm, pos = cfg.train.batch_size, torch.randperm(len(x), generator=g), 0
     startup = time.perf_counter() - t_start
+    rates = []
     for step in range(warmup + steps):
-        if step == warmup:
+        if step >= warmup and (step - warmup) % window == 0:
+            if step > warmup:
+                rates.append(window / (time.perf_counter() - t0))
             t0 = time.perf_counter()
         if pos + bs > len(x):
             perm, pos = torch.randperm(len(x), generator=g), 0
@@ -60,21 +65,20 @@ def plain_loop(task: DiTTask, steps: int, warmup: int) -> tuple[float, float]:
         opt.step()
         opt.zero_grad(set_to_none=True)
         ema.update(net, step)
-    return steps / (time.perf_counter() - t0), startup
+    rates.append(window / (time.perf_counter() - t0))
+    return rates, startup
 
 
-def raygen_loop(task: DiTTask, warmup_steps: int) -> tuple[float, float, float]:
-    """Returns (steady steps/s from the logged windows after `warmup_steps`, start-up s, total s)."""
+def raygen_loop(task: DiTTask, warmup_steps: int) -> tuple[list[float], float, float]:
+    """Returns (steps/s of each logged window after `warmup_steps`, start-up s, total s)."""
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
         fit(task, Path(d), task.datasets())
         total = time.perf_counter() - t0
         records = read_metrics(Path(d))
-    steady = [r for r in records if r["step"] > warmup_steps]
-    every = task.cfg.train.log_every
-    rate = len(steady) * every / sum(every / r["steps_per_s"] for r in steady)
-    startup = total - task.cfg.train.steps / rate
-    return rate, startup, total
+    rates = [r["steps_per_s"] for r in records if r["step"] > warmup_steps]
+    startup = total - task.cfg.train.steps / statistics.median(rates)
+    return rates, startup, total
 
 
 def main():
@@ -88,9 +92,14 @@ def main():
         f"train.sample_every={10 * (a.steps + a.warmup)}", "eval.enabled=false", *a.overrides])
     task = DiTTask(cfg)
     init_ray()
-    base_rate, base_startup = plain_loop(task, a.steps, a.warmup)
-    print(f"plain PyTorch loop : {base_rate:.3f} steps/s (start-up {base_startup:.1f} s)", flush=True)
-    ray_rate, ray_startup, total = raygen_loop(task, a.warmup)
+    # plain loop before and after the raygen run, so drifts of a shared machine hit both sides;
+    # every side is summarised by the median of its 25-step windows
+    before, base_startup = plain_loop(task, a.steps, a.warmup, window=25)
+    ray_rates, ray_startup, total = raygen_loop(task, a.warmup)
+    after, _ = plain_loop(task, a.steps, a.warmup, window=25)
+    base_rate, ray_rate = statistics.median(before + after), statistics.median(ray_rates)
+    print(f"plain PyTorch loop : {base_rate:.3f} steps/s (before {statistics.median(before):.3f}, after "
+          f"{statistics.median(after):.3f}; start-up {base_startup:.1f} s)")
     print(f"raygen TorchTrainer: {ray_rate:.3f} steps/s (start-up {ray_startup:.1f} s, total {total:.1f} s)")
     ratio = ray_rate / base_rate
     print(f"ratio (raygen / plain, steady state): {ratio:.3f}")

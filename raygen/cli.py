@@ -34,7 +34,7 @@ def parse_args(recipe: str, config_cls, argv=None) -> argparse.Namespace:
     p.add_argument("--runs-root", default=os.environ.get("RAYGEN_RUNS", "runs"),
                    help="where run directories go (default: ./runs or $RAYGEN_RUNS)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def resolve_run_dir(runs_root: str, recipe: str, name: str | None, preset: str | None) -> tuple[Path, bool]:
@@ -79,6 +79,7 @@ def init_ray() -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # reproducible data order, hence exact resume
     ctx.enable_progress_bars = False  # one progress bar (training) instead of one per epoch
+    ctx.print_on_execution_start = False  # and no two log lines per epoch
 
 
 def fail(msg: str, code: int = 2):

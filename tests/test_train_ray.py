@@ -18,7 +18,7 @@ TINY = [
 
 
 def final_state(run_dir: Path) -> dict:
-    ckpts = sorted((run_dir / "checkpoints").glob("checkpoint_*"))
+    ckpts = sorted(p for p in (run_dir / "checkpoints").glob("checkpoint_*") if p.is_dir())
     assert ckpts, f"no checkpoint in {run_dir}"
     return torch.load(ckpts[-1] / "state.pt", map_location="cpu", weights_only=False)
 

@@ -41,7 +41,7 @@ def truncate_metrics(run_dir: Path, last_step: int) -> None:
 
 class MetricsLogger:
     def __init__(self, run_dir: Path, config: dict, *, tensorboard: bool, wandb: bool, wandb_project: str,
-                 run_name: str, group: str | None = None):
+                 run_name: str, group: str | None = None, system_stats: bool = True):
         self.run_dir = Path(run_dir)
         self.file = open(self.run_dir / METRICS_FILE, "a", buffering=1)
         self.tb = None
@@ -57,7 +57,7 @@ class MetricsLogger:
                 os.environ["WANDB_MODE"] = "offline"
             self.wandb_run = wb.init(
                 project=wandb_project, name=run_name, group=group, config=config, dir=str(self.run_dir),
-                id=run_name.replace("/", "-"), resume="allow", settings=wb.Settings(console="off", silent=True),
+                id=run_name.replace("/", "-"), resume="allow", settings=wb.Settings(console="off", silent=True, x_disable_stats=not system_stats),
             )
 
     def log(self, record: dict) -> None:

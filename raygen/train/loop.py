@@ -87,6 +87,8 @@ class LogConfig:
     wandb: bool = True  # offline unless WANDB_API_KEY / WANDB_MODE say otherwise
     wandb_project: str = "raygen"
     wandb_group: Optional[str] = None
+    # W&B's system-metrics sampler (CPU/GPU use): useful on GPU boxes, a measurable tax on a 2-core CPU
+    wandb_system_stats: bool = True
     progress: bool = True
 
 
@@ -181,7 +183,7 @@ def train_loop_per_worker(config: dict) -> None:
         truncate_metrics(run_dir, counters.step)
         logger = MetricsLogger(run_dir, to_dict(cfg), tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb,
                                wandb_project=cfg.log.wandb_project, run_name=run_dir.name,
-                               group=cfg.log.wandb_group)
+                               group=cfg.log.wandb_group, system_stats=cfg.log.wandb_system_stats)
         (run_dir / "samples").mkdir(exist_ok=True)
 
     use_amp = device.type == "cuda" and tc.amp in ("auto", "bf16")
@@ -193,12 +195,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     local_bs = tc.batch_size // (world * tc.grad_accum)
     stream = _batches(ray.train.get_dataset_shard("train"), counters.data, local_bs, tc, device)
-    pbar = None
-    if rank == 0 and cfg.log.progress:
-        from ray.experimental.tqdm_ray import tqdm
-
-        pbar = tqdm(total=tc.steps, desc=f"train {run_dir.name}")
-        pbar.update(counters.step)
+    progress = Progress(tc.steps, counters.step, f"train {run_dir.name}") if rank == 0 and cfg.log.progress else None
 
     window_loss, window_n, window_t = 0.0, 0, time.perf_counter()
     while counters.step < tc.steps:
@@ -243,8 +240,8 @@ def train_loop_per_worker(config: dict) -> None:
         if torch.isfinite(loss_sum):
             window_loss += float(loss_sum) / tc.grad_accum
             window_n += 1
-        if pbar is not None:
-            pbar.update(1)
+        if progress is not None:
+            progress.update(counters.step, loss_sum / tc.grad_accum)  # read only when printed
 
         step = counters.step
         last = step == tc.steps
@@ -272,10 +269,33 @@ def train_loop_per_worker(config: dict) -> None:
                 _report_with_checkpoint(metrics, net, ema, opt, counters, generator, rank)
             else:
                 ray.train.report(metrics)
-    if pbar is not None:
-        pbar.close()
+    if progress is not None:
+        progress.update(counters.step, float("nan"), force=True)
     if logger is not None:
         logger.close()
+
+
+class Progress:
+    """A tqdm bar printed as whole lines every `interval` seconds: Ray forwards worker output line by
+    line (and `ray job logs` keeps it), so carriage-return redraws would arrive as one endless line."""
+
+    def __init__(self, total: int, initial: int, desc: str, interval: float = 10.0):
+        self.total, self.desc, self.interval = total, desc, interval
+        self.start_step, self.t0 = initial, time.perf_counter()
+        self.last = -float("inf")
+
+    def update(self, step: int, loss, force: bool = False) -> None:
+        now = time.perf_counter()
+        if not force and now - self.last < self.interval:
+            return
+        from tqdm import tqdm
+
+        self.last = now
+        loss = float(loss)
+        rate = (step - self.start_step) / max(now - self.t0, 1e-9)
+        line = tqdm.format_meter(step, self.total, now - self.t0, ncols=100, prefix=self.desc, unit="step",
+                                 rate=rate or None, initial=self.start_step)
+        print(line + (f" loss {loss:.4f}" if loss == loss else ""), flush=True)
 
 
 def _write_preview(task, ema, net, run_dir, step, logger):

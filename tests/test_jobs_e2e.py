@@ -1,0 +1,85 @@
+"""The job as a user runs it: `python jobs/dit.py --preset smoke` in a fresh process (its own local
+Ray cluster), and the same script through `ray job submit` against a `ray start --head` cluster."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def last_line_run_dir(output: str) -> Path:
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("run_dir: "), f"last line must be 'run_dir: <path>', got {last!r}"
+    return Path(last.removeprefix("run_dir: "))
+
+
+@pytest.mark.slow
+def test_smoke_preset_end_to_end(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "dit.py"), "--preset", "smoke", "--runs-root",
+                           str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = last_line_run_dir(proc.stdout)
+    assert run_dir.is_dir() and run_dir.parent == tmp_path / "dit"
+
+    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    for key in ("fid", "fid_features", "class_accuracy", "num_samples", "sampler", "steps", "fid_untrained"):
+        assert key in metrics, key
+    assert metrics["fid_features"] == "digits" and metrics["num_samples"] == 100
+    assert 0.0 <= metrics["class_accuracy"] <= 1.0 and metrics["fid"] > 0
+    assert metrics["classifier_test_accuracy"] >= 0.97  # the feature network itself is good
+
+    sweep = json.loads((run_dir / "eval" / "ddim_sweep.json").read_text())
+    assert [r["steps"] for r in sweep] == [5, 10] and all("fid" in r for r in sweep)
+    assert (run_dir / "eval" / "ddim_sweep.csv").read_text().startswith("steps,")
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [10, 20, 30]
+    for png in ("eval/samples.png", "eval/ddim_sweep.png", "plots/training.png", "samples/step_0000015.png",
+                "samples/step_0000030.png"):
+        Image.open(run_dir / png).verify()
+    assert list((run_dir / "wandb").glob("offline-run-*")), "W&B must run offline without a key"
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert "train.steps: 30" not in (run_dir / "config.yaml").read_text()  # nested YAML, not dotted
+    assert "steps: 30" in (run_dir / "config.yaml").read_text()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ray_job_submit_against_a_head_node(tmp_path):
+    """The README's cluster form: ray start --head, then RAY_AUTH_MODE=token ray job submit."""
+    port, dash = free_port(), free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "WANDB_MODE": "offline"}
+    start = subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
+                            "--dashboard-host=127.0.0.1", "--num-cpus=2", f"--temp-dir={tmp_path / 'ray'}"],
+                           capture_output=True, text=True, env=env, timeout=180)
+    assert start.returncode == 0, start.stderr[-2000:]
+    try:
+        job = [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir",
+               str(ROOT), "--", "python", "jobs/dit.py", "--preset", "smoke", "--runs-root", str(tmp_path / "runs"),
+               "train.steps=10", "train.ckpt_every=10", "train.sample_every=10", "log.wandb=false",
+               "eval.untrained_baseline=false", "eval.sweep_steps=[5]"]
+        for _ in range(30):  # the dashboard's job API needs a few seconds after `ray start`
+            proc = subprocess.run(job, capture_output=True, text=True, env=env, timeout=600)
+            if "Connection refused" not in proc.stderr + proc.stdout:
+                break
+            time.sleep(2)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        assert "succeeded" in proc.stdout
+        run_dir = Path(proc.stdout.split("run_dir: ")[-1].split()[0])
+        assert (run_dir / "eval" / "metrics.json").exists()
+        assert (run_dir / "checkpoints").is_dir()
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, env=env, timeout=120)
