@@ -14,7 +14,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from raygen.config import ConfigError, all_keys, dump_yaml, load_config, to_dict
+from raygen.config import ConfigError, all_keys, dump_yaml, load_config
 
 
 def preset_dir(recipe: str) -> Path:
@@ -133,8 +133,6 @@ def main(argv=None) -> None:
 
     importlib.import_module(jobs[argv[0]]).main(argv[1:])
 
-
-__all__ = ["setup_job", "init_ray", "fail", "main", "to_dict"]
 
 
 def report(run_dir: Path, metrics: dict) -> None:

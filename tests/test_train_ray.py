@@ -38,7 +38,7 @@ def assert_same_training(a: dict, b: dict):
 @pytest.mark.slow
 def test_fault_restart_and_resume_reproduce_a_straight_run(ray_cluster, tmp_path, capsys):
     root = ["--runs-root", str(tmp_path)]
-    common = TINY + root + ["debug.nan_at_steps=[2]"]
+    common = TINY + root + ["debug.nan_at_steps=[2]", "train.grad_accum=2"]
     straight = main(common + ["run.name=straight"])
 
     # a worker raises at step 5; FailureConfig(max_failures=1) restarts the group from the step-4 checkpoint
