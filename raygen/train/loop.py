@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -295,7 +296,7 @@ class Progress:
         rate = (step - self.start_step) / max(now - self.t0, 1e-9)
         line = tqdm.format_meter(step, self.total, now - self.t0, ncols=100, prefix=self.desc, unit="step",
                                  rate=rate or None, initial=self.start_step)
-        print(line + (f" loss {loss:.4f}" if loss == loss else ""), flush=True)
+        print(line + (f" loss {loss:.4f}" if loss == loss else ""), file=sys.stderr, flush=True)
 
 
 def _write_preview(task, ema, net, run_dir, step, logger):
