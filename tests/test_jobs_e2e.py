@@ -76,10 +76,12 @@ def test_ray_job_submit_against_a_head_node(tmp_path):
                str(ROOT), "--", "python", "jobs/dit.py", "--preset", "smoke", "--runs-root", str(tmp_path / "runs"),
                "train.steps=10", "train.ckpt_every=10", "train.sample_every=10", "log.wandb=false",
                "eval.untrained_baseline=false", "eval.sweep_steps=[5]"]
-        for _ in range(60):  # the dashboard's job API needs a few seconds after `ray start`
+        for _ in range(60):  # the dashboard and its agent need a few seconds after `ray start`
             assert head.poll() is None, head.stderr.read().decode()[-2000:]
             proc = subprocess.run(job, capture_output=True, text=True, env=env, timeout=600)
-            if "Connection refused" not in proc.stderr + proc.stdout and "Failed to connect" not in proc.stderr:
+            out = proc.stdout + proc.stderr
+            not_ready = ("Connection refused", "Failed to connect", "No available agent", "try again later")
+            if not any(m in out for m in not_ready):
                 break
             time.sleep(2)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]

@@ -198,7 +198,9 @@ def train_loop_per_worker(config: dict) -> None:
     stream = _batches(ray.train.get_dataset_shard("train"), counters.data, local_bs, tc, device)
     progress = Progress(tc.steps, counters.step, f"train {run_dir.name}") if rank == 0 and cfg.log.progress else None
 
-    window_loss, window_n, window_t = 0.0, 0, time.perf_counter()
+    # window sums stay on the device: reading them every step would sync a GPU every step
+    window_loss, window_n = torch.zeros((), device=device), torch.zeros((), device=device)
+    window_start, window_t = counters.step, time.perf_counter()
     while counters.step < tc.steps:
         step = counters.step
         if cfg.debug.fail_at_step == step:
@@ -238,9 +240,9 @@ def train_loop_per_worker(config: dict) -> None:
         ema.update(net, step)
         counters.step += 1
         counters.samples_seen += tc.batch_size
-        if torch.isfinite(loss_sum):
-            window_loss += float(loss_sum) / tc.grad_accum
-            window_n += 1
+        finite = torch.isfinite(loss_sum)
+        window_loss += torch.where(finite, loss_sum / tc.grad_accum, 0.0)
+        window_n += finite
         if progress is not None:
             progress.update(counters.step, loss_sum / tc.grad_accum)  # read only when printed
 
@@ -251,21 +253,23 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0 and (step % tc.sample_every == 0 or last):
             _write_preview(task, ema, net, run_dir, step, logger)
         if do_log or do_ckpt:
-            elapsed = time.perf_counter() - window_t
+            elapsed, n_steps, n_finite = time.perf_counter() - window_t, step - window_start, int(window_n)
             metrics = {
                 "step": step,
-                "loss": window_loss / max(window_n, 1) if window_n else float("nan"),
+                "loss": float(window_loss) / n_finite if n_finite else float("nan"),
                 "lr": opt.param_groups[0]["lr"],
                 "grad_norm": float(grad_norm),
-                "steps_per_s": (window_n or 1) / max(elapsed, 1e-9),
-                "samples_per_s": (window_n or 1) * tc.batch_size / max(elapsed, 1e-9),
+                "steps_per_s": n_steps / max(elapsed, 1e-9),
+                "samples_per_s": n_steps * tc.batch_size / max(elapsed, 1e-9),
                 "nonfinite_total": counters.nonfinite_total,
                 "epoch": counters.data.epoch,
                 "ema_decay": ema.current_decay(step - 1),
             }
             if rank == 0 and do_log:
                 logger.log(metrics)
-            window_loss, window_n, window_t = 0.0, 0, time.perf_counter()
+            window_loss.zero_()
+            window_n.zero_()
+            window_start, window_t = step, time.perf_counter()
             if do_ckpt:
                 _report_with_checkpoint(metrics, net, ema, opt, counters, generator, rank)
             else:
