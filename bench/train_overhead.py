@@ -47,7 +47,7 @@ def plain_loop(task: DiTTask, steps: int, warmup: int, window: int) -> tuple[lis
     g = torch.Generator().manual_seed(0)
     bs, perm, pos = cfg.train.batch_size, torch.randperm(len(x), generator=g), 0
     startup = time.perf_counter() - t_start
-    rates = []
+    rates, t0 = [], time.perf_counter()
     for step in range(warmup + steps):
         if step >= warmup and (step - warmup) % window == 0:
             if step > warmup:

@@ -18,7 +18,6 @@ import dataclasses
 import difflib
 import os
 import pathlib
-import tempfile
 import types
 import typing
 from typing import Any, Literal, Union
@@ -287,18 +286,9 @@ def to_dict(cfg: Any) -> Any:
 def dump_yaml(cfg: Any, path: str | os.PathLike) -> None:
     """Write ``cfg`` as YAML atomically, so a crash never leaves a half-written config
     next to a checkpoint (readers see either the old file or the new one)."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    from raygen.atomic import write_text
+
+    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 # -------------------------------------------------------------------- merging

@@ -3,8 +3,6 @@ give an FID against the digits test split, its predictions the class accuracy of
 (the MNIST seed shipped an untrained classifier and a 10-sample Inception FID: dit-ddpm.md §4)."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -13,6 +11,7 @@ import torch.nn.functional as F
 
 from raygen.data.embedded import digits
 from raygen.eval.fid import FeatureExtractor, cache_dir
+from raygen.train.state import atomic_torch_save
 
 CLASSIFIER_VERSION = 1  # bump when the architecture or recipe changes: old caches are then ignored
 
@@ -76,10 +75,7 @@ class DigitsClassifier(FeatureExtractor):
             self.net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         else:
             self.net = _train(resolution)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save(self.net.state_dict(), tmp)
-            os.replace(tmp, path)
+            atomic_torch_save(self.net.state_dict(), path)
         self.net.eval()
         self.dim = self.net.fc.out_features
 

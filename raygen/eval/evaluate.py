@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 
+from raygen.atomic import write_text
 from raygen.config import ConfigError
 
 
@@ -162,9 +162,7 @@ def evaluate(task, ema_state: dict, run_dir: Path, cpus: int = 0) -> dict:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def write_sweep(rows: list[dict], stem: Path, x: str, title: str) -> None:

@@ -23,7 +23,8 @@ import scipy.linalg
 import torch
 from PIL import Image
 
-from raygen.eval.grid import atomic_write, to_uint8
+from raygen.atomic import atomic_write
+from raygen.eval.grid import to_uint8
 
 INCEPTION_PT_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 INCEPTION_PKL_URL = (

@@ -1,21 +1,19 @@
-"""Sample grids as PNG files, plus the two helpers every image writer here shares.
+"""Sample grids as PNG files.
 
 `to_uint8` is the single [-1, 1] -> [0, 255] quantization used by both the grids and the FID
-extractors, so FID measures exactly the pixels a saved sample holds. `atomic_write` keeps files
-that other Ray workers or a resumed run may read from ever being seen half-written.
+extractors, so FID measures exactly the pixels a saved sample holds.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import uuid
 from pathlib import Path
-from typing import BinaryIO, Iterator
 
 import numpy as np
 import torch
 from PIL import Image
+
+from raygen.atomic import atomic_write
 
 PAD_VALUE = 255  # white separators stay visible between dark backgrounds (e.g. MNIST digits)
 
@@ -24,24 +22,6 @@ def to_uint8(images: torch.Tensor | np.ndarray) -> torch.Tensor:
     """Floats in [-1, 1] -> uint8 in [0, 255], rounded to nearest and clamped (out-of-range samples saturate)."""
     x = torch.as_tensor(images).detach().float()
     return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-
-
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
-    """Yield a binary file next to `path` that replaces `path` only if the block finishes.
-
-    The temp file lives in the same directory so `os.replace` is an atomic rename; it is created
-    with `open(..., "xb")` rather than `tempfile` so the result gets normal umask permissions.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            yield f
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_grid(

@@ -9,6 +9,8 @@ import json
 import os
 from pathlib import Path
 
+from raygen.atomic import write_text
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -34,9 +36,7 @@ def truncate_metrics(run_dir: Path, last_step: int) -> None:
     if not path.exists():
         return
     keep = [r for r in read_metrics(run_dir) if r.get("step", 0) <= last_step]
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 class MetricsLogger:

@@ -9,7 +9,6 @@ Files are written to a temporary name and renamed; Ray Train then copies the dir
 from __future__ import annotations
 
 import math
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,13 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from raygen.atomic import atomic_write
+
 STATE_FILE = "state.pt"
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    tmp = Path(f"{path}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        torch.save(obj, f)
 
 
 class EMA:
