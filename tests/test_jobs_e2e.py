@@ -70,6 +70,10 @@ def test_ray_job_submit_against_a_head_node(tmp_path):
     # would also stop the test session's own cluster)
     head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={port}",
                              f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--num-cpus=2",
+                             # the test session's own cluster holds the default agent/metrics ports
+                             f"--dashboard-agent-listen-port={free_port()}",
+                             f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
+                             f"--runtime-env-agent-port={free_port()}",
                              f"--temp-dir={ray_tmp}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         job = [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir",
