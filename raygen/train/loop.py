@@ -284,12 +284,12 @@ class Progress:
     """A tqdm bar printed as whole lines every `interval` seconds: Ray forwards worker output line by
     line (and `ray job logs` keeps it), so carriage-return redraws would arrive as one endless line."""
 
-    def __init__(self, total: int, initial: int, desc: str, interval: float = 10.0):
-        self.total, self.desc, self.interval = total, desc, interval
+    def __init__(self, total: int, initial: int, desc: str, interval: float = 10.0, unit: str = "step"):
+        self.total, self.desc, self.interval, self.unit = total, desc, interval, unit
         self.start_step, self.t0 = initial, time.perf_counter()
         self.last = -float("inf")
 
-    def update(self, step: int, loss, force: bool = False) -> None:
+    def update(self, step: int, loss=float("nan"), force: bool = False) -> None:
         now = time.perf_counter()
         if not force and now - self.last < self.interval:
             return
@@ -298,7 +298,7 @@ class Progress:
         self.last = now
         loss = float(loss)
         rate = (step - self.start_step) / max(now - self.t0, 1e-9)
-        line = tqdm.format_meter(step, self.total, now - self.t0, ncols=100, prefix=self.desc, unit="step",
+        line = tqdm.format_meter(step, self.total, now - self.t0, ncols=100, prefix=self.desc, unit=self.unit,
                                  rate=rate or None, initial=self.start_step)
         print(line + (f" loss {loss:.4f}" if loss == loss else ""), file=sys.stderr, flush=True)
 

@@ -1,0 +1,367 @@
+"""Ray Data ingest: source listing -> CPU decode actors (read, RGB, crop) -> encoder actors (VAE or
+SigLIP, GPU when there is one) -> shard writers -> `meta.json`. One pipeline for both encoders; it
+streams, so memory stays bounded at any dataset size, and decode overlaps encode.
+
+    listing (driver)  ->  Decoder x decode_actors  ->  VAEEncoder | SigLIPEncoder x actors  ->  write_shard tasks
+
+Resume: the listing is deterministic and every shard records its listing indices, so a re-run
+encodes only the indices no complete shard holds (nothing duplicated, nothing missing).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from raygen.config import ConfigError, to_dict
+from raygen.data import store as store_io
+from raygen.data.encoders import EncoderConfig, describe_model
+from raygen.data.sources import ItemReader, Listing, SourceConfig, list_source
+from raygen.data.transforms import ItemError, TransformConfig, apply
+
+
+class IngestError(RuntimeError):
+    """on_error=fail met a bad item; the message names it."""
+
+
+@dataclass
+class StoreConfig:
+    path: str | None = None  # default: <runs-root>/stores/<source>-<split>-<model>-<resolution>
+    shard_size: int = 1024  # items per shard file
+    dtype: Literal["float16", "float32"] = "float16"
+    flip_copies: bool = False  # also store the encoding of the horizontally flipped image (`<array>_flip`)
+
+    def validate(self):
+        if self.shard_size < 1:
+            raise ConfigError(f"store.shard_size must be >= 1, got {self.shard_size}")
+
+
+@dataclass
+class PipelineConfig:
+    decode_actors: int = 0  # 0 = auto: the CPUs the encoders leave free (at least 1)
+    decode_batch_size: int = 32
+    cpus_per_decoder: float = 1.0
+    on_error: Literal["skip", "fail"] = "skip"  # skip: listed in skipped.jsonl + counted; fail: stop naming the file
+    crash_after_shards: int = 0  # testing: raise after this many shards exist (0 = never)
+
+    def validate(self):
+        if self.decode_actors < 0 or self.decode_batch_size < 1:
+            raise ConfigError("ingest.decode_actors must be >= 0 and ingest.decode_batch_size >= 1")
+
+
+@dataclass
+class IngestConfig:
+    source: SourceConfig = field(default_factory=SourceConfig)
+    transform: TransformConfig = field(default_factory=TransformConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    ingest: PipelineConfig = field(default_factory=PipelineConfig)
+
+
+# ---------------------------------------------------------------- stages
+
+
+class Decoder:
+    """{index, key, label} -> {index, key, label, error, <model input>}: read the item, convert to
+    RGB, crop (transform config), and prepare the encoder's input. A bad item becomes a row with
+    `error` set and a zero placeholder (on_error=skip) or stops the pipeline naming the file."""
+
+    def __init__(self, cfg: IngestConfig, listing_kind: str, info: dict, encoder_kind: str):
+        self.cfg, self.kind = cfg, encoder_kind
+        self.reader = ItemReader(listing_kind, info, cfg.source)
+        self.processor = None
+        if encoder_kind == "siglip":
+            from raygen.data.encoders import load_processor
+
+            self.processor = load_processor(cfg.encoder.model, cfg.encoder.subfolder)
+            self.placeholder = self._prepare([np.zeros((32, 32, 3), np.float32)])
+
+    def _prepare(self, images: list[np.ndarray]) -> dict:
+        if self.kind == "vae":  # VAE input: NCHW in [-1, 1]
+            x = np.stack(images).transpose(0, 3, 1, 2) * 2.0 - 1.0
+            return {"image": np.ascontiguousarray(x, dtype=np.float32)}
+        # SigLIP: the checkpoint's own processor on 8-bit RGB, exactly what it was trained with
+        u8 = [np.clip(np.rint(im * 255.0), 0, 255).astype(np.uint8) for im in images]
+        return dict(self.processor(images=u8, return_tensors="np"))
+
+    def __call__(self, batch: dict) -> dict:
+        tcfg, seed = self.cfg.transform, self.cfg.encoder.seed
+        images, errors = [], []
+        for index, key in zip(batch["index"], batch["key"]):
+            try:
+                img = self.reader.read(str(key))
+                # augmentation randomness is per item (seed, index): identical on any re-run
+                images.append(apply(tcfg, img, np.random.default_rng([seed, int(index)])))
+                errors.append("")
+            except ItemError as e:
+                if self.cfg.ingest.on_error == "fail":
+                    raise IngestError(f"{key}: {e} (set ingest.on_error=skip to skip and record such files)") from None
+                images.append(None)
+                errors.append(str(e))
+        out = {"index": batch["index"], "key": batch["key"], "label": batch["label"],
+               "error": np.array(errors, dtype=object)}
+        good = [im for im in images if im is not None]
+        if self.kind == "vae":
+            shape = good[0].shape if good else (tcfg.resolution, tcfg.resolution, 3)
+            prepared = self._prepare([im if im is not None else np.zeros(shape, np.float32) for im in images])
+        else:
+            prepared = self._prepare([im if im is not None else np.zeros((32, 32, 3), np.float32) for im in images])
+        out.update(prepared)
+        return out
+
+
+def write_batch(batch: dict, store_dir: str, arrays: list[str], crash_after: int) -> dict:
+    """A shard writer (Ray task): encoded rows -> arrays, failed rows -> the shard's skipped list."""
+    failed = batch["error"] != ""
+    ok = ~failed
+    data = {"index": batch["index"][ok].astype(np.int64), "label": batch["label"][ok].astype(np.int64)}
+    order = np.argsort(data["index"])
+    data = {k: v[order] for k, v in data.items()}
+    for name in arrays:
+        data[name] = np.ascontiguousarray(batch[name][ok][order])
+    skipped = [{"index": int(i), "path": str(k), "reason": str(r)}
+               for i, k, r in zip(batch["index"][failed], batch["key"][failed], batch["error"][failed])]
+    store_io.write_shard(Path(store_dir), data, skipped)
+    if crash_after and len(store_io.shard_dirs(Path(store_dir))) >= crash_after:
+        raise RuntimeError(f"injected crash after {crash_after} shards (ingest.crash_after_shards)")
+    return {"written": np.array([int(ok.sum())]), "skipped": np.array([int(failed.sum())])}
+
+
+# ---------------------------------------------------------------- driver
+
+
+def fingerprint(cfg: IngestConfig) -> str:
+    """What determines the store's content (not its speed): a re-run must match it to resume."""
+    d = to_dict(cfg)
+    for k in ("batch_size", "actors", "gpus_per_actor", "cpus_per_actor", "dtype"):
+        d["encoder"].pop(k, None)
+    d.pop("ingest")
+    d["store"] = {k: d["store"][k] for k in ("dtype", "flip_copies")}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def default_store_path(cfg: IngestConfig, runs_root: str, encoder_kind: str) -> Path:
+    src = cfg.source
+    name = src.kind if src.kind in ("digits", "shapes") else Path(str(src.path).rstrip("/")).stem
+    parts = [name, src.split, describe_model(cfg.encoder.model),
+             str(cfg.transform.resolution) if cfg.transform.kind != "none" else None]
+    return Path(runs_root).expanduser().resolve() / "stores" / "-".join(p for p in parts if p)
+
+
+def resolve_resources(cfg: IngestConfig) -> tuple[int, float, int]:
+    """(encoder actors, GPUs per encoder actor, decode actors) for this cluster. GPUs: one encoder
+    actor per GPU unless set; CPUs: the encoders' CPUs first, the rest decode (at least one)."""
+    import ray
+
+    res = ray.cluster_resources()
+    gpus, cpus = res.get("GPU", 0), int(res.get("CPU", 1))
+    e = cfg.encoder
+    gpa = e.gpus_per_actor if e.gpus_per_actor is not None else (1.0 if gpus else 0.0)
+    if gpa > gpus:
+        raise ConfigError(f"encoder.gpus_per_actor={gpa:g} but the cluster has {gpus:g} GPUs; "
+                          "set encoder.gpus_per_actor=0 to encode on CPUs")
+    actors = e.actors or (int(gpus // gpa) if gpa else max(1, cpus // 2))
+    enc_cpus = actors * (e.cpus_per_actor if gpa == 0 else 1)
+    if enc_cpus + cfg.ingest.cpus_per_decoder > cpus + 1e-9:
+        raise ConfigError(f"{actors} encoder actors x {e.cpus_per_actor:g} CPUs leave no CPU for decoding on a "
+                          f"cluster with {cpus} CPUs; lower encoder.actors or encoder.cpus_per_actor")
+    decoders = cfg.ingest.decode_actors or max(1, int((cpus - enc_cpus) // cfg.ingest.cpus_per_decoder))
+    return actors, gpa, decoders
+
+
+def run_ingest(cfg: IngestConfig, store_dir: Path, encoder_kind: Literal["vae", "siglip"]) -> dict:
+    """Encode every listed item not yet in a shard, then write meta.json and skipped.jsonl."""
+    import ray.data
+
+    from raygen.train.loop import Progress
+
+    store_dir = Path(store_dir)
+    listing = list_source(cfg.source, on_error=cfg.ingest.on_error)
+    if len(listing.keys) == 0:
+        raise ConfigError(f"source {cfg.source.path or cfg.source.kind!r} lists no items; check source.path and source.split")
+    _check_resume(cfg, store_dir, listing)
+    store_io.remove_temp_shards(store_dir)
+    done = store_io.done_indices(store_dir)
+    todo = np.setdiff1d(np.arange(len(listing.keys)), done)
+    actors, gpa, decoders = resolve_resources(cfg)
+    arrays = {"vae": ["latent"] + (["latent_flip"] if cfg.store.flip_copies else []),
+              "siglip": ["pooled", "tokens"]}[encoder_kind]
+    print(f"ingest: {len(listing.keys)} items listed, {len(done)} already in {store_dir}, {len(todo)} to encode "
+          f"({decoders} decode actors, {actors} encoder actors{f' x {gpa:g} GPU' if gpa else ' on CPU'})",
+          file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    if len(todo):
+        if encoder_kind == "siglip" and _has_token_mask(cfg):
+            arrays.append("token_mask")
+        keys = np.asarray(listing.keys, dtype=object)
+        rows = {"index": todo, "key": keys[todo], "label": listing.labels[todo]}
+        nblocks = max(1, min(len(todo) // cfg.ingest.decode_batch_size, 4 * decoders * 8))
+        ds = _rows_dataset(rows, nblocks)
+        ds = ds.map_batches(Decoder, fn_constructor_args=(cfg, listing.kind, listing.info, encoder_kind),
+                            batch_size=cfg.ingest.decode_batch_size, batch_format="numpy",
+                            compute=ray.data.ActorPoolStrategy(size=decoders), num_cpus=cfg.ingest.cpus_per_decoder)
+        enc_cls, enc_args = _encoder(cfg, encoder_kind)
+        ds = ds.map_batches(enc_cls, fn_constructor_args=enc_args, batch_size=cfg.encoder.batch_size,
+                            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
+                            num_gpus=gpa, num_cpus=cfg.encoder.cpus_per_actor if gpa == 0 else 1)
+        ds = ds.map_batches(write_batch, fn_kwargs={"store_dir": str(store_dir), "arrays": arrays,
+                                                    "crash_after": cfg.ingest.crash_after_shards},
+                            batch_size=cfg.store.shard_size, batch_format="numpy", num_cpus=0)
+        bar = Progress(len(todo), 0, "encode", unit="img")
+        n = 0
+        for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            n += int(b["written"].sum() + b["skipped"].sum())
+            bar.update(n)
+        bar.update(n, force=True)
+    return finalize(cfg, store_dir, listing, encoder_kind, arrays, seconds=time.perf_counter() - t0)
+
+
+def _rows_dataset(rows: dict, nblocks: int):
+    import ray.data
+
+    items = [{"index": int(i), "key": str(k), "label": int(lab)} for i, k, lab in zip(rows["index"], rows["key"], rows["label"])]
+    return ray.data.from_items(items, override_num_blocks=nblocks)
+
+
+def _encoder(cfg: IngestConfig, kind: str):
+    from raygen.data.encoders import SigLIPEncoder, VAEEncoder
+
+    if kind == "vae":
+        return VAEEncoder, (cfg.encoder, cfg.store.flip_copies, cfg.store.dtype)
+    return SigLIPEncoder, (cfg.encoder, cfg.store.dtype)
+
+
+def _has_token_mask(cfg: IngestConfig) -> bool:
+    from raygen.data.encoders import load_processor
+
+    # SigLIP2's processor pads a variable number of patches: the mask says which tokens are real
+    return getattr(load_processor(cfg.encoder.model, cfg.encoder.subfolder), "max_num_patches", None) is not None
+
+
+def _check_resume(cfg: IngestConfig, store_dir: Path, listing: Listing) -> None:
+    """A store directory belongs to one config and one listing; a different one must not mix in."""
+    fp = fingerprint(cfg)
+    stamp = store_dir / "ingest.json"
+    if stamp.is_file():
+        old = json.loads(stamp.read_text())
+        if old["fingerprint"] != fp:
+            raise ConfigError(f"{store_dir} holds a store made with a different config (source, transform, encoder "
+                              f"or store.dtype/flip_copies differ); pass store.path=<new dir> or delete it")
+        if old["num_items"] != len(listing.keys):
+            raise ConfigError(f"{store_dir}: the source now lists {len(listing.keys)} items, the store was started "
+                              f"with {old['num_items']}; the listing changed, so pass store.path=<new dir>")
+        return
+    store_dir.mkdir(parents=True, exist_ok=True)
+    np.savez(store_dir / store_io.LISTING, keys=np.asarray(listing.keys, dtype=str), labels=listing.labels)
+    store_io.write_text(stamp, json.dumps({"fingerprint": fp, "num_items": len(listing.keys)}))
+
+
+def finalize(cfg, store_dir: Path, listing: Listing, encoder_kind: str, arrays: list[str], seconds: float) -> dict:
+    """meta.json + skipped.jsonl from the shards (the source of truth) and the listing's problems."""
+    skipped = listing.problems + store_io.collect_skipped(store_dir)
+    store_io.write_skipped(store_dir, skipped)
+    shards = store_io.shard_dirs(store_dir)
+    stored = sum(len(np.load(d / "index.npy", mmap_mode="r")) for d in shards)
+    shapes = {}
+    for name in arrays:
+        for d in shards:
+            a = np.load(d / f"{name}.npy", mmap_mode="r")
+            if len(a):
+                shapes[name] = {"shape": list(a.shape[1:]), "dtype": str(a.dtype)}
+                break
+    reasons: dict[str, int] = {}
+    for s in skipped:
+        head = s["reason"].split(":")[0].split(" (")[0]
+        reasons[head] = reasons.get(head, 0) + 1
+    meta = {
+        "format": "raygen-store/1 (NPY shards)",
+        "kind": "latents" if encoder_kind == "vae" else "siglip",
+        "encoder": _encoder_meta(cfg, encoder_kind),
+        "source": {**to_dict(cfg.source), "resolved_kind": listing.kind, "info": listing.info},
+        "preprocessing": to_dict(cfg.transform),
+        "class_names": listing.class_names,
+        "arrays": shapes,
+        "counts": {"listed": len(listing.keys), "stored": stored, "skipped": len(skipped),
+                   "listing_problems": len(listing.problems), "skipped_by_reason": reasons,
+                   "shards": len(shards)},
+        "seconds_last_run": round(seconds, 2),
+    }
+    store_io.write_meta(store_dir, meta)
+    return meta
+
+
+def _encoder_meta(cfg, kind: str) -> dict:
+    e = cfg.encoder
+    out = {"model": e.model, "subfolder": e.subfolder, "store_dtype": cfg.store.dtype,
+           "flip_copies": cfg.store.flip_copies}
+    if kind == "vae":
+        from raygen.data.encoders import load_vae, vae_factors
+
+        vae = load_vae(e.model, e.subfolder)
+        scale, shift = vae_factors(vae)
+        out.update(library="diffusers.AutoencoderKL", scaling_factor=scale, shift_factor=shift,
+                   posterior=e.posterior, seed=e.seed, input_range=[-1.0, 1.0],
+                   formula="latent = (posterior_" + e.posterior + " - shift_factor) * scaling_factor",
+                   latent_channels=vae.config.latent_channels,
+                   downsample=2 ** (len(vae.config.block_out_channels) - 1))
+    else:
+        from raygen.data.encoders import load_processor, processor_summary
+
+        out.update(library="transformers (Siglip/Siglip2 VisionModel)", processor=processor_summary(
+            load_processor(e.model, e.subfolder)), normalize_pooled=e.normalize_pooled,
+            tokens="last_hidden_state (output of the last transformer block after the final LayerNorm)",
+            pooled="pooler_output (attention-pooling head)" + (", L2-normalised" if e.normalize_pooled else ""))
+    return out
+
+
+def main(recipe: str, encoder_kind: Literal["vae", "siglip"], argv=None) -> Path:
+    """`jobs/encode_latents.py` / `jobs/encode_siglip.py`: the store directory is the run directory,
+    named by the source, split, model and resolution unless store.path is set, so the same command
+    run again resumes the same store."""
+    from raygen.cli import fail, init_ray, parse_args, preset_dir, prepare_run_dir
+    from raygen.config import dump_yaml, load_config
+    from raygen.data.tiny_models import resolve_model
+
+    args = parse_args(recipe, IngestConfig, argv)
+    try:
+        cfg, _ = load_config(IngestConfig, preset=args.preset, preset_dir=preset_dir(recipe),
+                             config_file=args.config, overrides=args.overrides)
+        store_dir = Path(cfg.store.path).expanduser().resolve() if cfg.store.path else \
+            default_store_path(cfg, args.runs_root, encoder_kind)
+        cfg.encoder.model = resolve_model(cfg.encoder.model)
+        prepare_run_dir(store_dir)
+        init_ray()
+        dump_yaml(cfg, store_dir / "config.yaml")
+        meta = run_ingest(cfg, store_dir, encoder_kind)
+    except ConfigError as e:
+        fail(str(e))
+    except Exception as e:  # a bad item under on_error=fail arrives wrapped by Ray Data
+        cause = _find(e, IngestError)
+        if cause is None:
+            raise
+        fail(f"ingest stopped: {cause}\n  store: {store_dir}\n  finished shards are kept; the same command "
+             "resumes after the file is fixed or removed", code=1)
+    c = meta["counts"]
+    print(f"stored {c['stored']} of {c['listed']} items in {c['shards']} shards; skipped {c['skipped']}"
+          + (f" ({', '.join(f'{k}: {v}' for k, v in c['skipped_by_reason'].items())}; see skipped.jsonl)"
+             if c["skipped"] else ""))
+    for name, a in meta["arrays"].items():
+        print(f"  {name:<12} {a['shape']} {a['dtype']}")
+    print(f"run_dir: {store_dir}", flush=True)
+    return store_dir
+
+
+def _find(e: BaseException, cls):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, cls):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
