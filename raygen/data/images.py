@@ -15,9 +15,10 @@ from raygen.data import embedded
 
 @dataclass
 class ImageDataConfig:
-    source: Literal["digits", "shapes", "image_folder"] = "digits"
-    resolution: int = 16
-    path: Optional[str] = None  # image_folder: <path>/<class_name>/*.{jpg,png,...}
+    source: Literal["digits", "shapes", "image_folder", "latents"] = "digits"
+    resolution: int = 16  # latents: taken from the store
+    path: Optional[str] = None  # image_folder: <path>/<class_name>/*.{jpg,png,...}; latents: a store directory
+    latent_flips: Literal["both", "plain"] = "both"  # latents with stored flipped copies: stream both or plain only
     num_images: int = 4096  # shapes: how many to generate
     seed: int = 0  # shapes: generator seed
 
@@ -29,13 +30,44 @@ class ImageDataConfig:
                 raise ConfigError("data.source=image_folder needs data.path=<dir with one sub-folder per class>")
             if not Path(self.path).is_dir():
                 raise ConfigError(f"data.path={self.path!r} is not a directory; point it at a class-folder tree")
+        if self.source == "latents":
+            if not self.path or not (Path(self.path) / "meta.json").is_file():
+                raise ConfigError(f"data.source=latents needs data.path=<store directory with meta.json>, got "
+                                  f"{self.path!r}; make one with jobs/encode_latents.py")
+            meta = store_meta(self)
+            if meta["kind"] != "latents":
+                raise ConfigError(f"data.path={self.path!r} holds {meta['kind']} embeddings, not VAE latents")
+            self.resolution = meta["arrays"]["latent"]["shape"][-1]
+
+
+def store_meta(cfg: ImageDataConfig) -> dict:
+    import json
+
+    return json.loads((Path(cfg.path) / "meta.json").read_text())
 
 
 def channels(cfg: ImageDataConfig) -> int:
+    if cfg.source == "latents":
+        return store_meta(cfg)["arrays"]["latent"]["shape"][0]
     return 1 if cfg.source == "digits" else 3
 
 
+def pixel_source(cfg: ImageDataConfig) -> Optional[ImageDataConfig]:
+    """The pixel-space data a latent store was made from, when it is an embedded source (so FID and
+    class accuracy work on decoded samples); the config itself for pixel sources."""
+    if cfg.source != "latents":
+        return cfg
+    meta = store_meta(cfg)
+    src = meta["source"]["resolved_kind"]
+    if src not in ("digits", "shapes"):
+        return None
+    return ImageDataConfig(source=src, resolution=meta["preprocessing"]["resolution"],
+                           num_images=meta["source"]["num_images"], seed=meta["source"]["seed"])
+
+
 def class_names(cfg: ImageDataConfig) -> list[str]:
+    if cfg.source == "latents":
+        return store_meta(cfg)["class_names"]
     if cfg.source == "digits":
         return embedded.digits_class_names()
     if cfg.source == "shapes":
@@ -71,6 +103,12 @@ def build_dataset(cfg: ImageDataConfig, split: str = "train"):
     """A Ray Dataset of model-ready {image: float32 [C,H,W], label: int64} rows."""
     import ray.data
 
+    if cfg.source == "latents":
+        from raygen.data.store import Store
+
+        ds = Store(cfg.path).dataset(["latent"], flip_copies=cfg.latent_flips)
+        return ds.map_batches(lambda b: {"image": b["latent"].astype(np.float32), "label": b["label"]},
+                              batch_format="numpy")
     if cfg.source == "image_folder":
         names = class_names(cfg)
         index = {n: i for i, n in enumerate(names)}

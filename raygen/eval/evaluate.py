@@ -76,10 +76,12 @@ class Evaluator:
         from raygen.eval.fid import extract, feature_stats
 
         self.task, self.cfg, self.device = task, cfg, device
-        self.extractor = build_extractor(cfg, task.cfg.data)
+        # latent runs are scored on decoded pixels against the pixel source the store was made from
+        data = getattr(task, "pixel_data", task.cfg.data)
+        self.extractor = build_extractor(cfg, data) if data is not None else None
         self.ref = None
         if self.extractor is not None:
-            real, _ = reference_images(task.cfg.data)
+            real, _ = reference_images(data)
             self.ref = feature_stats(extract(self.extractor, real, cfg.batch_size))
 
     def sample(self, method, net, n: int, **sampler) -> tuple[torch.Tensor, torch.Tensor]:
