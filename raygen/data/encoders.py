@@ -161,8 +161,15 @@ def processor_summary(proc) -> dict:
     out = {"class": type(proc).__name__}
     for k in keys:
         v = getattr(proc, k, None)
-        if v is not None:
-            out[k] = v if isinstance(v, (int, float, bool, str, list)) else (list(v) if isinstance(v, tuple) else str(v))
+        if v is None:
+            continue
+        if isinstance(v, tuple):
+            v = list(v)
+        elif isinstance(v, int) and hasattr(v, "name"):  # PIL's Resampling enum -> "BICUBIC"
+            v = v.name
+        elif not isinstance(v, (int, float, bool, str, list)):  # e.g. transformers' SizeDict
+            v = {a: b for a, b in vars(v).items() if b is not None} if hasattr(v, "__dict__") else str(v)
+        out[k] = v
     if out.get("do_rescale") and out.get("do_normalize"):
         lo = [(0 - m) / s for m, s in zip(out["image_mean"], out["image_std"])]
         hi = [(out["rescale_factor"] * 255 - m) / s for m, s in zip(out["image_mean"], out["image_std"])]

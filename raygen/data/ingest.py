@@ -182,6 +182,7 @@ def run_ingest(cfg: IngestConfig, store_dir: Path, encoder_kind: Literal["vae", 
     from raygen.train.loop import Progress
 
     store_dir = Path(store_dir)
+    encoder_meta = _encoder_meta(cfg, encoder_kind)  # loads the model on the driver: a bad id fails here, clearly
     listing = list_source(cfg.source, on_error=cfg.ingest.on_error)
     if len(listing.keys) == 0:
         raise ConfigError(f"source {cfg.source.path or cfg.source.kind!r} lists no items; check source.path and source.split")
@@ -219,7 +220,7 @@ def run_ingest(cfg: IngestConfig, store_dir: Path, encoder_kind: Literal["vae", 
             n += int(b["written"].sum() + b["skipped"].sum())
             bar.update(n)
         bar.update(n, force=True)
-    return finalize(cfg, store_dir, listing, encoder_kind, arrays, seconds=time.perf_counter() - t0)
+    return finalize(cfg, store_dir, listing, encoder_meta, arrays, seconds=time.perf_counter() - t0)
 
 
 def _rows_dataset(rows: dict, nblocks: int):
@@ -262,7 +263,7 @@ def _check_resume(cfg: IngestConfig, store_dir: Path, listing: Listing) -> None:
     store_io.write_text(stamp, json.dumps({"fingerprint": fp, "num_items": len(listing.keys)}))
 
 
-def finalize(cfg, store_dir: Path, listing: Listing, encoder_kind: str, arrays: list[str], seconds: float) -> dict:
+def finalize(cfg, store_dir: Path, listing: Listing, encoder_meta: dict, arrays: list[str], seconds: float) -> dict:
     """meta.json + skipped.jsonl from the shards (the source of truth) and the listing's problems."""
     skipped = listing.problems + store_io.collect_skipped(store_dir)
     store_io.write_skipped(store_dir, skipped)
@@ -281,8 +282,8 @@ def finalize(cfg, store_dir: Path, listing: Listing, encoder_kind: str, arrays: 
         reasons[head] = reasons.get(head, 0) + 1
     meta = {
         "format": "raygen-store/1 (NPY shards)",
-        "kind": "latents" if encoder_kind == "vae" else "siglip",
-        "encoder": _encoder_meta(cfg, encoder_kind),
+        "kind": "latents" if "scaling_factor" in encoder_meta else "siglip",
+        "encoder": encoder_meta,
         "source": {**to_dict(cfg.source), "resolved_kind": listing.kind, "info": listing.info},
         "preprocessing": to_dict(cfg.transform),
         "class_names": listing.class_names,
@@ -311,10 +312,11 @@ def _encoder_meta(cfg, kind: str) -> dict:
                    latent_channels=vae.config.latent_channels,
                    downsample=2 ** (len(vae.config.block_out_channels) - 1))
     else:
-        from raygen.data.encoders import load_processor, processor_summary
+        from raygen.data.encoders import load_processor, load_siglip, processor_summary
 
         out.update(library="transformers (Siglip/Siglip2 VisionModel)", processor=processor_summary(
-            load_processor(e.model, e.subfolder)), normalize_pooled=e.normalize_pooled,
+            load_processor(e.model, e.subfolder)), vision_model=type(load_siglip(e.model, e.subfolder)).__name__,
+            normalize_pooled=e.normalize_pooled,
             tokens="last_hidden_state (output of the last transformer block after the final LayerNorm)",
             pooled="pooler_output (attention-pooling head)" + (", L2-normalised" if e.normalize_pooled else ""))
     return out
@@ -358,10 +360,16 @@ def main(recipe: str, encoder_kind: Literal["vae", "siglip"], argv=None) -> Path
 
 
 def _find(e: BaseException, cls):
-    seen = set()
+    """The `cls` exception behind a Ray Data failure: Ray wraps a UDF's exception in
+    RayTaskError(UserCodeException) and may keep only its text; recover the one line either way."""
+    seen, text = set(), str(e)
     while e is not None and id(e) not in seen:
         if isinstance(e, cls):
             return e
         seen.add(id(e))
-        e = e.__cause__ or e.__context__
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+    marker = f"{cls.__name__}: "
+    for line in text.splitlines():
+        if marker in line:
+            return cls(line.split(marker, 1)[1].strip())
     return None
