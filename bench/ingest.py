@@ -84,6 +84,10 @@ def parse_args(argv=None):
     p.add_argument("--encoder-actors", type=int, default=d_enc.actors, help="raygen encoder.actors (0 = auto)")
     p.add_argument("--cpus-per-actor", type=float, default=d_enc.cpus_per_actor,
                    help="raygen encoder.cpus_per_actor (also the actor's torch threads, int())")
+    p.add_argument("--fuse-decode", choices=("auto", "yes", "no"), default="auto",
+                   help="raygen ingest.fuse_decode (auto: decode inside the encoder actors on CPU)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="raygen encoder.channels_last=true (1.4x faster CPU convs, ~6e-4 abs deviation from float64)")
     p.add_argument("--shard-size", type=int, default=d_store.shard_size, help="raygen store.shard_size")
     p.add_argument("--settle", type=float, default=3.0, help="seconds to wait after ray.init before timing")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (images, VAE, outputs)")
@@ -216,13 +220,14 @@ def run_raygen(cfg: IngestConfig, store_dir: Path) -> tuple[np.ndarray, float, d
     return np.asarray(Store(store_dir).array("latent")[:]), seconds, meta
 
 
-def compare(name: str, got: np.ndarray, ref: np.ndarray) -> dict:
+def compare(name: str, got: np.ndarray, ref: np.ndarray, loose: bool = False) -> dict:
     """fp16 tolerance: the latents were rounded to fp16 (relative step 2^-11 ~ 4.9e-4) after fp32 convs that
     may sum in a different order (other thread counts / batch splits); allow a few fp16 steps."""
     assert got.shape == ref.shape, f"{name}: shape {got.shape} != {ref.shape}"
     a, b = got.astype(np.float32), ref.astype(np.float32)
     diff = np.abs(a - b)
-    tol = 4e-3 * np.abs(b) + 1e-3 * float(np.abs(b).max())
+    # channels-last oneDNN kernels deviate ~6e-4 from float64 on these flat images (contiguous: 6e-7)
+    tol = 4e-3 * np.abs(b) + (4e-3 if loose else 1e-3) * float(np.abs(b).max())
     ok = bool((diff <= tol).all())
     stats = {"max_abs_diff": float(diff.max()), "max_abs_ref": float(np.abs(b).max()), "match": ok}
     assert ok, f"{name} latents differ from the single-process loop beyond fp16 tolerance: {stats}"
@@ -264,16 +269,17 @@ def cpu_bench(a) -> dict:
         cfg = IngestConfig(
             source=src, transform=tcfg,
             encoder=EncoderConfig(model=str(vae_dir), posterior="mean", batch_size=a.batch, actors=a.encoder_actors,
-                                  cpus_per_actor=a.cpus_per_actor),
+                                  cpus_per_actor=a.cpus_per_actor, channels_last=a.channels_last or None),
             store=StoreConfig(path=str(tmp / "store"), dtype="float16", shard_size=a.shard_size),
             ingest=PipelineConfig(decode_actors=a.decode_actors, decode_batch_size=a.decode_batch,
-                                  cpus_per_decoder=a.cpus_per_decoder))
+                                  cpus_per_decoder=a.cpus_per_decoder,
+                                  fuse_decode={"auto": None, "yes": True, "no": False}[a.fuse_decode]))
         for part in (cfg.source, cfg.transform, cfg.encoder, cfg.store, cfg.ingest):
             part.validate()
-        enc_actors, _, dec_actors = resolve_resources(cfg)
+        enc_actors, _, dec_actors, fused = resolve_resources(cfg)
         got, t_ray, meta = run_raygen(cfg, tmp / "store")
         print(f"raygen run_ingest  : {a.num / t_ray:8.1f} img/s  ({t_ray:.2f} s; ray.init {ray_init_s:.1f} s not counted)")
-        ray_check = compare("raygen", got, ref)
+        ray_check = compare("raygen", got, ref, loose=a.channels_last)
         load1 = os.getloadavg()[0]
         ray.shutdown()
     finally:
@@ -303,7 +309,7 @@ def cpu_bench(a) -> dict:
             "single": {"torch_threads": a.cpus},
             "dataloader": {"num_workers": a.loader_workers, "batch_size": a.batch, "main_torch_threads": a.cpus,
                            "worker_torch_threads": 1, "start_method": torch.multiprocessing.get_start_method()},
-            "raygen": {"ray_num_cpus": ray_cpus, "decode_actors": dec_actors,
+            "raygen": {"ray_num_cpus": ray_cpus, "fused_decode_encode": fused, "channels_last": a.channels_last, "decode_actors": dec_actors,
                        "cpus_per_decoder": a.cpus_per_decoder, "decode_batch_size": a.decode_batch,
                        "encoder_actors": enc_actors, "encoder_cpus_per_actor": a.cpus_per_actor,
                        "encoder_torch_threads": max(1, int(a.cpus_per_actor)), "shard_size": a.shard_size,

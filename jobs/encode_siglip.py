@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from raygen.data.ingest import main  # noqa: E402
+from raygen.data.ingest import encode_siglip  # noqa: E402
 
 if __name__ == "__main__":
-    main("encode_siglip", "siglip")
+    encode_siglip()

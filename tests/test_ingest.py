@@ -126,7 +126,8 @@ def test_posterior_sample_is_mean_plus_std_noise_and_reproducible(ray_cluster, j
 
     from raygen.data.encoders import EncoderConfig, VAEEncoder
 
-    store = Store(encode("encode_latents", "vae", vae_argv(jpeg_tree, tiny_vae, tmp_path / "s",
+    # also the GPU-style layout: separate CPU decode actors feeding encoder actors
+    store = Store(encode("encode_latents", "vae", vae_argv(jpeg_tree, tiny_vae, tmp_path / "s", "ingest.fuse_decode=false",
                                                            "encoder.posterior=sample", "store.dtype=float32")))
     assert store.meta["encoder"]["posterior"] == "sample"
     vae = AutoencoderKL.from_pretrained(tiny_vae).eval()
@@ -244,6 +245,83 @@ def test_siglip_tokens_are_the_last_hidden_state(ray_cluster, jpeg_tree, tmp_pat
     assert not torch.allclose(tokens, o.hidden_states[0], atol=1e-2)  # not the patch embeddings (FSDiT's bug)
     pooled = torch.from_numpy(s.array("pooled")[pos])
     torch.testing.assert_close(pooled, torch.nn.functional.normalize(o.pooler_output, dim=-1), atol=1e-4, rtol=1e-4)
+
+
+def test_siglip2_patch_tokens_and_mask(ray_cluster, jpeg_tree, tmp_path):
+    """SigLIP2 (the default encoder): its processor patchifies to a padded token budget; the store
+    keeps the mask, and tokens equal the model's last_hidden_state."""
+    from transformers import Siglip2ImageProcessor, Siglip2VisionConfig, Siglip2VisionModel
+
+    torch.manual_seed(0)
+    model = tmp_path / "siglip2"
+    Siglip2VisionModel(Siglip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, num_patches=16, patch_size=8)).save_pretrained(model)
+    Siglip2ImageProcessor(patch_size=8, max_num_patches=16).save_pretrained(model)
+    s = Store(encode("encode_siglip", "siglip", [f"source.path={jpeg_tree}", "source.split=train",
+                                                 f"encoder.model={model}", f"store.path={tmp_path / 's'}",
+                                                 "store.dtype=float32", "encoder.normalize_pooled=false"]))
+    assert s.meta["encoder"]["vision_model"] == "Siglip2VisionModel"
+    assert s.meta["arrays"]["tokens"]["shape"] == [16, 32] and "token_mask" in s.meta["arrays"]
+    pos = np.arange(0, len(s), 9)
+    proc = Siglip2ImageProcessor.from_pretrained(model)
+    net = Siglip2VisionModel.from_pretrained(model).eval()
+    reader = ItemReader("class_folders", s.meta["source"]["info"], SourceConfig(path=str(jpeg_tree), split="train",
+                                                                                kind="class_folders"))
+    inputs = proc(images=[reader.read(str(k)).convert("RGB") for k in s.keys(pos)], return_tensors="pt")
+    with torch.no_grad():
+        o = net(**inputs)
+    np.testing.assert_array_equal(s.array("token_mask")[pos], inputs["pixel_attention_mask"].bool().numpy())
+    torch.testing.assert_close(torch.from_numpy(s.array("tokens")[pos]), o.last_hidden_state, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.from_numpy(s.array("pooled")[pos]), o.pooler_output, atol=1e-4, rtol=1e-4)
+
+
+def test_npy_volume_slices_keep_one_intensity_scale(ray_cluster, tiny_vae, tmp_path):
+    """A volume sliced along an axis: every slice is scaled by the volume's global window (the SDD
+    seed's per-slice min-max would make a dim slice as bright as a bright one)."""
+    vol = np.stack([np.full((40, 40), 100.0 * (i + 1) / 8) for i in range(8)]).astype(np.float32)
+    vol[:, 10:30, 10:30] += 5.0
+    np.save(tmp_path / "vol.npy", vol)
+    s = Store(encode("encode_latents", "vae", [f"source.path={tmp_path / 'vol.npy'}", "transform.resolution=32",
+                                               f"encoder.model={tiny_vae}", "encoder.posterior=mean",
+                                               f"store.path={tmp_path / 's'}", "store.dtype=float32"]))
+    assert s.meta["source"]["resolved_kind"] == "npy" and len(s) == 8
+    assert list(s.keys()) == [f"vol.npy#{i}" for i in range(8)]
+    x = direct_inputs(s, np.arange(8))
+    means = x.mean(dim=(1, 2, 3))
+    assert (means.diff() > 0.1).all(), means  # brighter slice -> brighter input, not all the same
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(tiny_vae).eval()
+    with torch.no_grad():
+        want = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+    # constant slices make GroupNorm divide by a tiny variance: other thread counts differ by ~1e-4
+    torch.testing.assert_close(torch.from_numpy(s.array("latent")[:]), want, atol=5e-4, rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_dit_trains_on_a_latent_store(ray_cluster, tiny_vae, tmp_path):
+    """`jobs/dit.py --preset latent_smoke` reads a store of the embedded digits through
+    get_dataset_shard, samples latents and decodes them through the store's VAE; evaluation scores
+    the decoded pixels against the digits the store was made from."""
+    import subprocess
+    import sys
+
+    store = encode("encode_latents", "vae", ["--preset", "digits", f"encoder.model={tiny_vae}",
+                                             f"store.path={tmp_path / 'digits'}"])
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "jobs" / "dit.py"), "--preset", "latent_smoke",
+                           f"data.path={store}", "eval.num_samples=20", "eval.sweep_steps=[]",
+                           "--runs-root", str(tmp_path)], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "WANDB_MODE": "offline"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = Path(proc.stdout.strip().splitlines()[-1].removeprefix("run_dir: "))
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 30 and all(np.isfinite(r["loss"]) for r in records)
+    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    assert metrics["fid_features"] == "digits" and metrics["num_samples"] == 20  # scored on decoded pixels
+    grid = Image.open(run_dir / "eval" / "samples.png")
+    assert grid.size[0] >= 10 * 32  # decoded 32x32 digits, one column per class
+    assert (run_dir / "samples" / "step_0000030.png").is_file()
 
 
 def test_store_random_access_and_dataset(mean_store, ray_cluster):

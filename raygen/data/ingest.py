@@ -48,6 +48,9 @@ class PipelineConfig:
     decode_batch_size: int = 32
     cpus_per_decoder: float = 1.0
     on_error: Literal["skip", "fail"] = "skip"  # skip: listed in skipped.jsonl + counted; fail: stop naming the file
+    # decode inside the encoder actors: None = auto (yes for CPU encoders, which compete with decoding
+    # for the same cores; no for GPU encoders, which CPU decode actors must keep fed)
+    fuse_decode: bool | None = None
     crash_after_shards: int = 0  # testing: raise after this many shards exist (0 = never)
 
     def validate(self):
@@ -80,7 +83,6 @@ class Decoder:
             from raygen.data.encoders import load_processor
 
             self.processor = load_processor(cfg.encoder.model, cfg.encoder.subfolder)
-            self.placeholder = self._prepare([np.zeros((32, 32, 3), np.float32)])
 
     def _prepare(self, images: list[np.ndarray]) -> dict:
         if self.kind == "vae":  # VAE input: NCHW in [-1, 1]
@@ -107,30 +109,21 @@ class Decoder:
         out = {"index": batch["index"], "key": batch["key"], "label": batch["label"],
                "error": np.array(errors, dtype=object)}
         good = [im for im in images if im is not None]
-        if self.kind == "vae":
-            shape = good[0].shape if good else (tcfg.resolution, tcfg.resolution, 3)
-            prepared = self._prepare([im if im is not None else np.zeros(shape, np.float32) for im in images])
-        else:
-            prepared = self._prepare([im if im is not None else np.zeros((32, 32, 3), np.float32) for im in images])
-        out.update(prepared)
+        blank = np.zeros_like(good[0]) if good else np.zeros((tcfg.resolution, tcfg.resolution, 3), np.float32)
+        out.update(self._prepare([blank if im is None else im for im in images]))
         return out
 
 
-def write_batch(batch: dict, store_dir: str, arrays: list[str], crash_after: int) -> dict:
-    """A shard writer (Ray task): encoded rows -> arrays, failed rows -> the shard's skipped list."""
-    failed = batch["error"] != ""
-    ok = ~failed
-    data = {"index": batch["index"][ok].astype(np.int64), "label": batch["label"][ok].astype(np.int64)}
-    order = np.argsort(data["index"])
-    data = {k: v[order] for k, v in data.items()}
-    for name in arrays:
-        data[name] = np.ascontiguousarray(batch[name][ok][order])
-    skipped = [{"index": int(i), "path": str(k), "reason": str(r)}
-               for i, k, r in zip(batch["index"][failed], batch["key"][failed], batch["error"][failed])]
-    store_io.write_shard(Path(store_dir), data, skipped)
-    if crash_after and len(store_io.shard_dirs(Path(store_dir))) >= crash_after:
-        raise RuntimeError(f"injected crash after {crash_after} shards (ingest.crash_after_shards)")
-    return {"written": np.array([int(ok.sum())]), "skipped": np.array([int(failed.sum())])}
+class DecodeEncode:
+    """Decoder and encoder in one actor (the CPU path): no idle decode reservation, no hand-off."""
+
+    def __init__(self, cfg: IngestConfig, listing_kind: str, info: dict, encoder_kind: str):
+        self.decode = Decoder(cfg, listing_kind, info, encoder_kind)
+        cls, args = _encoder(cfg, encoder_kind)
+        self.encode = cls(*args)
+
+    def __call__(self, batch: dict) -> dict:
+        return self.encode(self.decode(batch))
 
 
 # ---------------------------------------------------------------- driver
@@ -154,25 +147,30 @@ def default_store_path(cfg: IngestConfig, runs_root: str, encoder_kind: str) -> 
     return Path(runs_root).expanduser().resolve() / "stores" / "-".join(p for p in parts if p)
 
 
-def resolve_resources(cfg: IngestConfig) -> tuple[int, float, int]:
-    """(encoder actors, GPUs per encoder actor, decode actors) for this cluster. GPUs: one encoder
-    actor per GPU unless set; CPUs: the encoders' CPUs first, the rest decode (at least one)."""
+def resolve_resources(cfg: IngestConfig) -> tuple[int, float, int, bool]:
+    """(encoder actors, GPUs per encoder actor, decode actors, fused) for this cluster. GPUs: one
+    encoder actor per GPU, fed by CPU decode actors. CPUs only: decode runs inside the encoder actors
+    (fused), one actor per `encoder.cpus_per_actor` CPUs."""
     import ray
 
     res = ray.cluster_resources()
     gpus, cpus = res.get("GPU", 0), int(res.get("CPU", 1))
-    e = cfg.encoder
+    e, p = cfg.encoder, cfg.ingest
     gpa = e.gpus_per_actor if e.gpus_per_actor is not None else (1.0 if gpus else 0.0)
     if gpa > gpus:
         raise ConfigError(f"encoder.gpus_per_actor={gpa:g} but the cluster has {gpus:g} GPUs; "
                           "set encoder.gpus_per_actor=0 to encode on CPUs")
+    fused = p.fuse_decode if p.fuse_decode is not None else gpa == 0
+    if fused:
+        actors = e.actors or max(1, int(cpus // e.cpus_per_actor))
+        return actors, gpa, 0, True
     actors = e.actors or (int(gpus // gpa) if gpa else max(1, cpus // 2))
     enc_cpus = actors * (e.cpus_per_actor if gpa == 0 else 1)
-    if enc_cpus + cfg.ingest.cpus_per_decoder > cpus + 1e-9:
+    if enc_cpus + p.cpus_per_decoder > cpus + 1e-9:
         raise ConfigError(f"{actors} encoder actors x {e.cpus_per_actor:g} CPUs leave no CPU for decoding on a "
                           f"cluster with {cpus} CPUs; lower encoder.actors or encoder.cpus_per_actor")
-    decoders = cfg.ingest.decode_actors or max(1, int((cpus - enc_cpus) // cfg.ingest.cpus_per_decoder))
-    return actors, gpa, decoders
+    decoders = p.decode_actors or max(1, int((cpus - enc_cpus) // p.cpus_per_decoder))
+    return actors, gpa, decoders, False
 
 
 def run_ingest(cfg: IngestConfig, store_dir: Path, encoder_kind: Literal["vae", "siglip"]) -> dict:
@@ -182,6 +180,9 @@ def run_ingest(cfg: IngestConfig, store_dir: Path, encoder_kind: Literal["vae", 
     from raygen.train.loop import Progress
 
     store_dir = Path(store_dir)
+    if encoder_kind == "vae" and cfg.transform.kind == "none":
+        raise ConfigError("transform.kind=none keeps every image's size, but VAE batches need one size; "
+                          "use transform.kind=center_crop_adm (or resize_center_crop, random_resized_crop)")
     encoder_meta = _encoder_meta(cfg, encoder_kind)  # loads the model on the driver: a bad id fails here, clearly
     listing = list_source(cfg.source, on_error=cfg.ingest.on_error)
     if len(listing.keys) == 0:
@@ -190,44 +191,47 @@ def run_ingest(cfg: IngestConfig, store_dir: Path, encoder_kind: Literal["vae", 
     store_io.remove_temp_shards(store_dir)
     done = store_io.done_indices(store_dir)
     todo = np.setdiff1d(np.arange(len(listing.keys)), done)
-    actors, gpa, decoders = resolve_resources(cfg)
+    actors, gpa, decoders, fused = resolve_resources(cfg)
     arrays = {"vae": ["latent"] + (["latent_flip"] if cfg.store.flip_copies else []),
               "siglip": ["pooled", "tokens"]}[encoder_kind]
+    layout = (f"{actors} actors decoding + encoding on CPU" if fused else
+              f"{decoders} decode actors -> {actors} encoder actors" + (f" x {gpa:g} GPU" if gpa else " on CPU"))
     print(f"ingest: {len(listing.keys)} items listed, {len(done)} already in {store_dir}, {len(todo)} to encode "
-          f"({decoders} decode actors, {actors} encoder actors{f' x {gpa:g} GPU' if gpa else ' on CPU'})",
-          file=sys.stderr, flush=True)
+          f"({layout})", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     if len(todo):
         if encoder_kind == "siglip" and _has_token_mask(cfg):
             arrays.append("token_mask")
         keys = np.asarray(listing.keys, dtype=object)
-        rows = {"index": todo, "key": keys[todo], "label": listing.labels[todo]}
-        nblocks = max(1, min(len(todo) // cfg.ingest.decode_batch_size, 4 * decoders * 8))
-        ds = _rows_dataset(rows, nblocks)
-        ds = ds.map_batches(Decoder, fn_constructor_args=(cfg, listing.kind, listing.info, encoder_kind),
-                            batch_size=cfg.ingest.decode_batch_size, batch_format="numpy",
-                            compute=ray.data.ActorPoolStrategy(size=decoders), num_cpus=cfg.ingest.cpus_per_decoder)
-        enc_cls, enc_args = _encoder(cfg, encoder_kind)
-        ds = ds.map_batches(enc_cls, fn_constructor_args=enc_args, batch_size=cfg.encoder.batch_size,
-                            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
-                            num_gpus=gpa, num_cpus=cfg.encoder.cpus_per_actor if gpa == 0 else 1)
-        ds = ds.map_batches(write_batch, fn_kwargs={"store_dir": str(store_dir), "arrays": arrays,
-                                                    "crash_after": cfg.ingest.crash_after_shards},
+        items = [{"index": int(i), "key": str(keys[i]), "label": int(listing.labels[i])} for i in todo]
+        ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(todo) // cfg.encoder.batch_size, 256)))
+        stage_args = (cfg, listing.kind, listing.info, encoder_kind)
+        if fused:
+            ds = ds.map_batches(DecodeEncode, fn_constructor_args=stage_args, batch_size=cfg.encoder.batch_size,
+                                batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
+                                num_cpus=cfg.encoder.cpus_per_actor)
+        else:
+            ds = ds.map_batches(Decoder, fn_constructor_args=stage_args, batch_size=cfg.ingest.decode_batch_size,
+                                batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=decoders),
+                                num_cpus=cfg.ingest.cpus_per_decoder)
+            enc_cls, enc_args = _encoder(cfg, encoder_kind)
+            ds = ds.map_batches(enc_cls, fn_constructor_args=enc_args, batch_size=cfg.encoder.batch_size,
+                                batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
+                                num_gpus=gpa, num_cpus=cfg.encoder.cpus_per_actor if gpa == 0 else 1)
+        ds = ds.map_batches(store_io.write_rows, fn_kwargs={"store_dir": str(store_dir), "arrays": arrays,
+                                                           "crash_after": cfg.ingest.crash_after_shards},
                             batch_size=cfg.store.shard_size, batch_format="numpy", num_cpus=0)
         bar = Progress(len(todo), 0, "encode", unit="img")
         n = 0
-        for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            n += int(b["written"].sum() + b["skipped"].sum())
-            bar.update(n)
-        bar.update(n, force=True)
+        ctx = ray.data.DataContext.get_current()
+        keep_order, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, False
+        try:  # shards carry their indices, so arrival order does not matter here
+            for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                n += int(b["written"].sum() + b["skipped"].sum())
+                bar.update(n, force=n == len(todo))
+        finally:
+            ctx.execution_options.preserve_order = keep_order
     return finalize(cfg, store_dir, listing, encoder_meta, arrays, seconds=time.perf_counter() - t0)
-
-
-def _rows_dataset(rows: dict, nblocks: int):
-    import ray.data
-
-    items = [{"index": int(i), "key": str(k), "label": int(lab)} for i, k, lab in zip(rows["index"], rows["key"], rows["label"])]
-    return ray.data.from_items(items, override_num_blocks=nblocks)
 
 
 def _encoder(cfg: IngestConfig, kind: str):
@@ -357,6 +361,14 @@ def main(recipe: str, encoder_kind: Literal["vae", "siglip"], argv=None) -> Path
         print(f"  {name:<12} {a['shape']} {a['dtype']}")
     print(f"run_dir: {store_dir}", flush=True)
     return store_dir
+
+
+def encode_latents(argv=None) -> Path:
+    return main("encode_latents", "vae", argv)
+
+
+def encode_siglip(argv=None) -> Path:
+    return main("encode_siglip", "siglip", argv)
 
 
 def _find(e: BaseException, cls):
