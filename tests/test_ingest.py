@@ -335,6 +335,12 @@ def test_store_random_access_and_dataset(mean_store, ray_cluster):
     np.testing.assert_array_equal(s.array("latent")[10:50:3], full[10:50:3])
     for c in range(10):
         assert (s.labels[s.class_indices(c)] == c).all()
+    pos = s.sample_class_balanced([3, 7, 3], 64, np.random.default_rng(0))
+    assert pos.shape == (3, 64) and (s.labels[pos] == np.array([[3], [7], [3]])).all()
+    assert len(np.unique(pos[0])) == PER_CLASS  # 64 draws with replacement cover all 12 items of the class
+    np.testing.assert_array_equal(pos, s.sample_class_balanced([3, 7, 3], 64, np.random.default_rng(0)))
+    with pytest.raises(StoreError, match="empty_class"):
+        s.sample_class_balanced([10], 4, np.random.default_rng(0))
     rows = s.dataset(["latent"]).take_all()
     assert len(rows) == 2 * len(s)  # plain + flipped copies
     got = np.stack([r["latent"] for r in rows])

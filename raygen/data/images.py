@@ -106,9 +106,15 @@ def build_dataset(cfg: ImageDataConfig, split: str = "train"):
     if cfg.source == "latents":
         from raygen.data.store import Store
 
-        ds = Store(cfg.path).dataset(["latent"], flip_copies=cfg.latent_flips)
-        return ds.map_batches(lambda b: {"image": b["latent"].astype(np.float32), "label": b["label"]},
-                              batch_format="numpy")
+        store = Store(cfg.path)
+        ds = store.dataset(["latent"], flip_copies=cfg.latent_flips)
+        ds = ds.map_batches(lambda b: {"image": b["latent"].astype(np.float32), "label": b["label"]},
+                            batch_format="numpy")
+        # a small store is read once into the object store: each epoch otherwise restarts the read
+        # (~1 s here, which is most of an epoch of the digits store); a large one streams from disk
+        a = store.meta["arrays"]["latent"]
+        nbytes = len(store) * int(np.prod(a["shape"])) * 4 * (2 if cfg.latent_flips == "both" else 1)
+        return ds.materialize() if nbytes < 1 << 30 else ds
     if cfg.source == "image_folder":
         names = class_names(cfg)
         index = {n: i for i, n in enumerate(names)}

@@ -811,3 +811,28 @@ def write_image_folder(images: np.ndarray, labels, class_names, out_dir, fmt: st
         kwargs = {"quality": quality} if ext == ".jpg" else {}
         pil.save(base / name / f"{name}_{i:06d}{ext}", **kwargs)
     return out
+
+
+def export_embedded(argv=None) -> Path:
+    """`python -m raygen.data.sources digits|shapes OUT [--resolution R] [--split S] [--num N]`: write an
+    embedded data set as an ImageNet-style JPEG tree (`OUT/<split>/<class>/*.jpg`), to try the file
+    path of every tool without downloading anything."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m raygen.data.sources", description=export_embedded.__doc__)
+    p.add_argument("source", choices=("digits", "shapes"))
+    p.add_argument("out")
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--split", default="train", choices=("train", "test"))
+    p.add_argument("--num", type=int, default=4096, help="shapes: how many")
+    p.add_argument("--format", default="jpeg", choices=("jpeg", "png"))
+    a = p.parse_args(argv)
+    images, labels = _embedded_arrays(a.source, a.split, a.resolution, a.num, 0)
+    names = embedded.digits_class_names() if a.source == "digits" else embedded.shapes_class_names()
+    out = write_image_folder(images, labels, names, a.out, fmt=a.format, split=a.split)
+    print(f"wrote {len(labels)} images to {Path(out) / a.split}")
+    return out
+
+
+if __name__ == "__main__":
+    export_embedded()

@@ -201,6 +201,17 @@ class Store:
             self._by_class = [order[bounds[k]:bounds[k + 1]] for k in range(len(self.class_names))]
         return self._by_class[c]
 
+    def sample_class_balanced(self, classes, per_class: int, rng: np.random.Generator) -> np.ndarray:
+        """Positions [len(classes), per_class]: `per_class` items of each given class, uniformly with
+        replacement (a class may hold fewer items than asked for), drawn from the caller's rng."""
+        out = np.empty((len(classes), per_class), np.int64)
+        for row, c in enumerate(classes):
+            pool = self.class_indices(int(c))
+            if len(pool) == 0:
+                raise StoreError(f"class {c} ({self.class_names[int(c)]!r}) has no items in {self.path}")
+            out[row] = pool[rng.integers(0, len(pool), per_class)]
+        return out
+
     def batch(self, positions, names=None) -> dict[str, np.ndarray]:
         names = names or self.array_names
         return {n: self.array(n)[positions] for n in [*names, "label"]}
