@@ -219,6 +219,7 @@ def test_config_errors_name_the_key(ray_cluster, jpeg_tree, tiny_vae, mean_store
         encode("encode_latents", "vae", vae_argv(jpeg_tree, tiny_vae, mean_store.path, "transform.resolution=16"))
     assert e.value.code == 2 and "different config" in capsys.readouterr().err
     assert len(Store(mean_store.path)) == len(mean_store)
+    assert "resolution: 32" in (mean_store.path / "config.yaml").read_text()  # the refused config did not land
 
 
 def test_siglip_tokens_are_the_last_hidden_state(ray_cluster, jpeg_tree, tmp_path):

@@ -132,7 +132,7 @@ class DecodeEncode:
 def fingerprint(cfg: IngestConfig) -> str:
     """What determines the store's content (not its speed): a re-run must match it to resume."""
     d = to_dict(cfg)
-    for k in ("batch_size", "actors", "gpus_per_actor", "cpus_per_actor", "dtype"):
+    for k in ("batch_size", "actors", "gpus_per_actor", "cpus_per_actor", "channels_last"):
         d["encoder"].pop(k, None)
     d.pop("ingest")
     d["store"] = {k: d["store"][k] for k in ("dtype", "flip_copies")}
@@ -250,21 +250,29 @@ def _has_token_mask(cfg: IngestConfig) -> bool:
 
 
 def _check_resume(cfg: IngestConfig, store_dir: Path, listing: Listing) -> None:
-    """A store directory belongs to one config and one listing; a different one must not mix in."""
+    """A store directory belongs to one config and one listing; a different one must not mix in (and
+    must not overwrite the store's config.yaml)."""
+    from raygen.atomic import atomic_write
+    from raygen.config import dump_yaml
+
     fp = fingerprint(cfg)
+    digest = hashlib.sha256("\n".join(f"{k}\t{lab}" for k, lab in zip(listing.keys, listing.labels)).encode()).hexdigest()
     stamp = store_dir / "ingest.json"
     if stamp.is_file():
         old = json.loads(stamp.read_text())
         if old["fingerprint"] != fp:
             raise ConfigError(f"{store_dir} holds a store made with a different config (source, transform, encoder "
                               f"or store.dtype/flip_copies differ); pass store.path=<new dir> or delete it")
-        if old["num_items"] != len(listing.keys):
-            raise ConfigError(f"{store_dir}: the source now lists {len(listing.keys)} items, the store was started "
-                              f"with {old['num_items']}; the listing changed, so pass store.path=<new dir>")
-        return
-    store_dir.mkdir(parents=True, exist_ok=True)
-    np.savez(store_dir / store_io.LISTING, keys=np.asarray(listing.keys, dtype=str), labels=listing.labels)
-    store_io.write_text(stamp, json.dumps({"fingerprint": fp, "num_items": len(listing.keys)}))
+        if old["listing_sha256"] != digest:
+            raise ConfigError(f"{store_dir}: the source now lists {len(listing.keys)} items (files or labels changed "
+                              f"since the store was started with {old['num_items']}); pass store.path=<new dir>")
+    else:
+        store_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_write(store_dir / store_io.LISTING) as f:
+            np.savez(f, keys=np.asarray(listing.keys, dtype=str), labels=listing.labels)
+        store_io.write_text(stamp, json.dumps({"fingerprint": fp, "num_items": len(listing.keys),
+                                               "listing_sha256": digest}))
+    dump_yaml(cfg, store_dir / "config.yaml")
 
 
 def finalize(cfg, store_dir: Path, listing: Listing, encoder_meta: dict, arrays: list[str], seconds: float) -> dict:
@@ -331,7 +339,7 @@ def main(recipe: str, encoder_kind: Literal["vae", "siglip"], argv=None) -> Path
     named by the source, split, model and resolution unless store.path is set, so the same command
     run again resumes the same store."""
     from raygen.cli import fail, init_ray, parse_args, preset_dir, prepare_run_dir
-    from raygen.config import dump_yaml, load_config
+    from raygen.config import load_config
     from raygen.data.tiny_models import resolve_model
 
     args = parse_args(recipe, IngestConfig, argv)
@@ -343,12 +351,11 @@ def main(recipe: str, encoder_kind: Literal["vae", "siglip"], argv=None) -> Path
         cfg.encoder.model = resolve_model(cfg.encoder.model)
         prepare_run_dir(store_dir)
         init_ray()
-        dump_yaml(cfg, store_dir / "config.yaml")
         meta = run_ingest(cfg, store_dir, encoder_kind)
     except ConfigError as e:
         fail(str(e))
-    except Exception as e:  # a bad item under on_error=fail arrives wrapped by Ray Data
-        cause = _find(e, IngestError)
+    except Exception as e:  # a bad item under on_error=fail, or a full disk, arrives wrapped by Ray Data
+        cause = _find(e, IngestError) or _find(e, store_io.StoreWriteError)
         if cause is None:
             raise
         fail(f"ingest stopped: {cause}\n  store: {store_dir}\n  finished shards are kept; the same command "

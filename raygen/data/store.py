@@ -37,6 +37,10 @@ class StoreError(ValueError):
     pass
 
 
+class StoreWriteError(RuntimeError):
+    """A shard could not be written (full disk, permissions); the message names the directory."""
+
+
 # ---------------------------------------------------------------- writing
 
 
@@ -73,7 +77,11 @@ def write_rows(batch: dict, store_dir: str, arrays: list[str], crash_after: int 
         data[name] = np.ascontiguousarray(batch[name][ok][order])
     skipped = [{"index": int(i), "path": str(k), "reason": str(r)}
                for i, k, r in zip(batch["index"][failed], batch["key"][failed], batch["error"][failed])]
-    write_shard(Path(store_dir), data, skipped)
+    try:
+        write_shard(Path(store_dir), data, skipped)
+    except OSError as e:
+        raise StoreWriteError(f"cannot write a shard in {store_dir}: {e.strerror or e}; free space or fix permissions, "
+                              "then run the same command again (finished shards are kept)") from None
     if crash_after and len(shard_dirs(Path(store_dir))) >= crash_after:
         raise RuntimeError(f"injected crash after {crash_after} shards (ingest.crash_after_shards)")
     return {"written": np.array([int(ok.sum())]), "skipped": np.array([int(failed.sum())])}
