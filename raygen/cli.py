@@ -8,6 +8,7 @@ line naming the key or path and the fix. The last line a job prints is `run_dir:
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -79,6 +80,7 @@ def init_ray() -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # reproducible data order, hence exact resume
     ctx.enable_progress_bars = False  # one progress bar (training) instead of one per epoch
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "...disabled": we know
     ctx.print_on_execution_start = False  # and no two log lines per epoch
 
 
