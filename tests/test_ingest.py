@@ -365,3 +365,24 @@ def test_latents_decode_back_to_the_input_and_inspect_writes_a_grid(ray_cluster,
     png = inspect_main([f"run_or_store={s.path}", "num=16"])
     im = Image.open(png)
     assert im.size[0] > im.size[1] > 0  # 16 pairs: 8 columns of (original, decoded) x 4 rows
+
+
+def test_every_shipped_preset_loads(mean_store, jpeg_tree):
+    """Each preset's keys exist and validate, given the data path it asks for on the command line."""
+    from raygen.cli import preset_dir
+    from raygen.config import load_config
+    from raygen.data.ingest import IngestConfig
+    from raygen.recipes.dit import DiTConfig
+
+    for recipe, cls in (("dit", DiTConfig), ("encode_latents", IngestConfig), ("encode_siglip", IngestConfig)):
+        for yaml_file in sorted(preset_dir(recipe).glob("*.yaml")):
+            text = yaml_file.read_text()
+            over = []
+            if recipe == "dit" and "source: latents" in text:
+                over = [f"data.path={mean_store.path}"]
+            elif recipe == "dit" and "image_folder" in text:
+                over = [f"data.path={jpeg_tree / 'train'}"]
+            elif recipe != "dit" and "kind: auto" in text:
+                over = [f"source.path={jpeg_tree}"]
+            cfg, _ = load_config(cls, preset=yaml_file.stem, preset_dir=preset_dir(recipe), overrides=over)
+            assert cfg is not None, yaml_file
