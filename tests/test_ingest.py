@@ -351,7 +351,7 @@ def test_store_random_access_and_dataset(mean_store, ray_cluster):
 
 
 def test_latents_decode_back_to_the_input_and_inspect_writes_a_grid(ray_cluster, jpeg_tree, tmp_path):
-    from raygen.data.inspect import decode_latents
+    from raygen.data.encoders import decode_latents
     from raygen.data.inspect import main as inspect_main
     from raygen.data.tiny_models import resolve_model
 

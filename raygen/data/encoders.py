@@ -6,6 +6,7 @@ zeros and are not encoded, so skipped items reach the writer and are recorded, n
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -72,6 +73,25 @@ def load_vae(model: str, subfolder: Optional[str] = None, dtype: torch.dtype = t
     except (OSError, ValueError) as e:
         raise ConfigError(f"encoder.model={model!r}: cannot load an AutoencoderKL ({str(e).splitlines()[0]}); "
                           "give a hub id like stabilityai/sd-vae-ft-ema or a directory made by save_pretrained") from None
+
+
+@functools.lru_cache(maxsize=2)
+def _vae(model: str, subfolder: Optional[str], device: str):
+    return load_vae(model, subfolder).to(device).eval().requires_grad_(False)
+
+
+def decode_latents(meta: dict, latents, batch: int = 64) -> torch.Tensor:
+    """Latents of a store -> images in [-1, 1] on the latents' device, inverting the store's own
+    (shift, scale): x = D(z / scaling_factor + shift_factor)."""
+    enc = meta["encoder"]
+    z_all = torch.as_tensor(np.asarray(latents, np.float32)) if not torch.is_tensor(latents) else latents.float()
+    vae = _vae(enc["model"], enc.get("subfolder"), str(z_all.device))
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(z_all), batch):
+            z = z_all[i:i + batch]
+            out.append(vae.decode(z / enc["scaling_factor"] + enc["shift_factor"]).sample.clamp(-1, 1))
+    return torch.cat(out)
 
 
 def vae_factors(vae) -> tuple[float, float]:

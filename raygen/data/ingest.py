@@ -198,10 +198,10 @@ def run_ingest(cfg: IngestConfig, store_dir: Path, encoder_kind: Literal["vae", 
               f"{decoders} decode actors -> {actors} encoder actors" + (f" x {gpa:g} GPU" if gpa else " on CPU"))
     print(f"ingest: {len(listing.keys)} items listed, {len(done)} already in {store_dir}, {len(todo)} to encode "
           f"({layout})", file=sys.stderr, flush=True)
+    if "max_num_patches" in encoder_meta.get("processor", {}):
+        arrays.append("token_mask")  # SigLIP2 pads a variable number of patches: the mask says which are real
     t0 = time.perf_counter()
     if len(todo):
-        if encoder_kind == "siglip" and _has_token_mask(cfg):
-            arrays.append("token_mask")
         keys = np.asarray(listing.keys, dtype=object)
         items = [{"index": int(i), "key": str(keys[i]), "label": int(listing.labels[i])} for i in todo]
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(todo) // cfg.encoder.batch_size, 256)))
@@ -240,13 +240,6 @@ def _encoder(cfg: IngestConfig, kind: str):
     if kind == "vae":
         return VAEEncoder, (cfg.encoder, cfg.store.flip_copies, cfg.store.dtype)
     return SigLIPEncoder, (cfg.encoder, cfg.store.dtype)
-
-
-def _has_token_mask(cfg: IngestConfig) -> bool:
-    from raygen.data.encoders import load_processor
-
-    # SigLIP2's processor pads a variable number of patches: the mask says which tokens are real
-    return getattr(load_processor(cfg.encoder.model, cfg.encoder.subfolder), "max_num_patches", None) is not None
 
 
 def _check_resume(cfg: IngestConfig, store_dir: Path, listing: Listing) -> None:

@@ -3,7 +3,6 @@ back to pixels through the store's own VAE and save a PNG grid, optionally each 
 original image read and cropped exactly as the ingest did."""
 from __future__ import annotations
 
-import functools
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ import numpy as np
 import torch
 
 from raygen.config import ConfigError
+from raygen.data.encoders import decode_latents
 
 
 @dataclass
@@ -43,27 +43,6 @@ def find_store(path: str) -> Path:
         if data.get("source") == "latents" and data.get("path"):
             return find_store(data["path"])
     raise ConfigError(f"run_or_store={path!r} is neither a store (no meta.json) nor a run trained on a latent store")
-
-
-@functools.lru_cache(maxsize=2)
-def _vae(model: str, subfolder: Optional[str], device: str):
-    from raygen.data.encoders import load_vae
-
-    return load_vae(model, subfolder).to(device).eval().requires_grad_(False)
-
-
-def decode_latents(meta: dict, latents, batch: int = 64) -> torch.Tensor:
-    """Latents of a store -> images in [-1, 1] on the latents' device, inverting the store's own
-    (shift, scale): x = D(z / scaling_factor + shift_factor)."""
-    enc = meta["encoder"]
-    z_all = torch.as_tensor(np.asarray(latents, np.float32)) if not torch.is_tensor(latents) else latents.float()
-    vae = _vae(enc["model"], enc.get("subfolder"), str(z_all.device))
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(z_all), batch):
-            z = z_all[i:i + batch]
-            out.append(vae.decode(z / enc["scaling_factor"] + enc["shift_factor"]).sample.clamp(-1, 1))
-    return torch.cat(out)
 
 
 def original_images(store, positions) -> torch.Tensor:

@@ -154,8 +154,8 @@ class ShardedArray:
 
 
 class Store:
-    """Open a finished store: `meta`, `labels`, `keys`, `array(name)`, `class_indices(c)`, `batch(idx)`,
-    `dataset()`. Positions 0..len-1 follow the listing order (skipped items are absent)."""
+    """Open a finished store: `meta`, `labels`, `keys`, `array(name)`, `class_indices(c)`,
+    `sample_class_balanced()`, `dataset()`. Positions 0..len-1 follow the listing order (skipped items are absent)."""
 
     def __init__(self, path):
         self.path = Path(path)
@@ -181,6 +181,7 @@ class Store:
         self.labels = self.array("label")[:].astype(np.int64)
         self.class_names: list[str] = self.meta["class_names"]
         self._by_class = None
+        self._keys = None
 
     def __len__(self) -> int:
         return len(self.listing_index)
@@ -197,7 +198,9 @@ class Store:
 
     def keys(self, positions=None) -> np.ndarray:
         """Source keys (relative paths etc.) of store positions, for showing originals."""
-        keys = np.load(self.path / LISTING, allow_pickle=False)["keys"]
+        if self._keys is None:
+            self._keys = np.load(self.path / LISTING, allow_pickle=False)["keys"]
+        keys = self._keys
         idx = self.listing_index if positions is None else self.listing_index[np.asarray(positions)]
         return keys[idx]
 
@@ -219,10 +222,6 @@ class Store:
                 raise StoreError(f"class {c} ({self.class_names[int(c)]!r}) has no items in {self.path}")
             out[row] = pool[rng.integers(0, len(pool), per_class)]
         return out
-
-    def batch(self, positions, names=None) -> dict[str, np.ndarray]:
-        names = names or self.array_names
-        return {n: self.array(n)[positions] for n in [*names, "label"]}
 
     def dataset(self, names=None, flip_copies: str = "both"):
         """A Ray Dataset with one block per shard: rows {<array>: ..., label}. With flipped copies

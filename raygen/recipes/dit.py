@@ -93,7 +93,7 @@ class DiTTask:
         """Latents -> decoded images (grayscale when the store was made from grayscale digits)."""
         if self.store_meta is None:
             return x
-        from raygen.data.inspect import decode_latents
+        from raygen.data.encoders import decode_latents
 
         img = decode_latents(self.store_meta, x)
         if self.pixel_data is not None and image_data.channels(self.pixel_data) == 1:
