@@ -128,7 +128,8 @@ def guarded(fn, cfg, run_dir: Path):
 def main(argv=None) -> None:
     """`raygen <job> [args...]`: run jobs/<job>.py's recipe from an installed package."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    jobs = {"dit": "raygen.recipes.dit:main", "encode_latents": "raygen.data.ingest:encode_latents",
+    jobs = {"drifting": "raygen.recipes.drifting:main", "latent_mae": "raygen.recipes.latent_mae:main",
+            "dit": "raygen.recipes.dit:main", "encode_latents": "raygen.data.ingest:encode_latents",
             "encode_siglip": "raygen.data.ingest:encode_siglip", "inspect_latents": "raygen.data.inspect:main"}
     if not argv or argv[0] not in jobs:
         fail(f"usage: raygen <{'|'.join(jobs)}> [--preset NAME | --config FILE] [key=value ...]")

@@ -373,16 +373,28 @@ def test_every_shipped_preset_loads(mean_store, jpeg_tree):
     from raygen.config import load_config
     from raygen.data.ingest import IngestConfig
     from raygen.recipes.dit import DiTConfig
+    from raygen.recipes.drifting import DriftingConfig
+    from raygen.recipes.latent_mae import LatentMAEConfig
 
-    for recipe, cls in (("dit", DiTConfig), ("encode_latents", IngestConfig), ("encode_siglip", IngestConfig)):
+    recipes = (("dit", DiTConfig), ("encode_latents", IngestConfig), ("encode_siglip", IngestConfig),
+               ("drifting", DriftingConfig), ("latent_mae", LatentMAEConfig))
+    seen = set()
+    for recipe, cls in recipes:
         for yaml_file in sorted(preset_dir(recipe).glob("*.yaml")):
             text = yaml_file.read_text()
             over = []
-            if recipe == "dit" and "source: latents" in text:
+            if recipe in ("dit", "latent_mae") and "source: latents" in text:
                 over = [f"data.path={mean_store.path}"]
+            elif recipe == "drifting" and "space: latent" in text:
+                over = [f"stage.latents={mean_store.path}"]
             elif recipe == "dit" and "image_folder" in text:
                 over = [f"data.path={jpeg_tree / 'train'}"]
             elif recipe != "dit" and "kind: auto" in text:
                 over = [f"source.path={jpeg_tree}"]
             cfg, _ = load_config(cls, preset=yaml_file.stem, preset_dir=preset_dir(recipe), overrides=over)
             assert cfg is not None, yaml_file
+            seen.add(f"{recipe}/{yaml_file.stem}")
+            if recipe == "drifting" and over:
+                assert cfg.data.source == "latents" and cfg.data.path == str(mean_store.path)
+    assert {"drifting/default", "drifting/smoke", "drifting/imagenet256_ablation", "drifting/imagenet256_L",
+            "latent_mae/default", "latent_mae/imagenet256_w256"} <= seen

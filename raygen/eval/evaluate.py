@@ -167,7 +167,7 @@ def _write_json(path: Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-def write_sweep(rows: list[dict], stem: Path, x: str, title: str) -> None:
+def write_sweep(rows: list[dict], stem: Path, x: str, title: str, xscale: str = "log") -> None:
     """rows -> <stem>.json, <stem>.csv and a <stem>.png plot of every numeric metric against `x`."""
     _write_json(stem.with_suffix(".json"), rows)
     keys = list(dict.fromkeys(k for r in rows for k in r))
@@ -188,7 +188,7 @@ def write_sweep(rows: list[dict], stem: Path, x: str, title: str) -> None:
         ax.plot([r[x] for r in rows], [r.get(k, np.nan) for r in rows], marker="o")
         ax.set_xlabel(x)
         ax.set_ylabel(k)
-        ax.set_xscale("log")
+        ax.set_xscale(xscale)
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()

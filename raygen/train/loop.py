@@ -50,7 +50,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     steps: int = 1000
-    batch_size: int = 128  # global, summed over workers and accumulation micro-steps
+    batch_size: int = 128  # global, summed over workers and accumulation micro-steps; 0 = the recipe sets it
     grad_accum: int = 1
     num_workers: int = 1
     use_gpu: Optional[bool] = None  # None: use GPUs when the cluster has them
@@ -70,9 +70,11 @@ class TrainConfig:
     max_nonfinite_in_a_row: int = 20
 
     def validate(self):
-        for k in ("steps", "batch_size", "grad_accum", "num_workers", "cpus_per_worker", "log_every", "ckpt_every"):
+        for k in ("steps", "grad_accum", "num_workers", "cpus_per_worker", "log_every", "ckpt_every"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"train.{k} must be >= 1, got {getattr(self, k)}")
+        if self.batch_size < 0:
+            raise ConfigError(f"train.batch_size must be >= 1, got {self.batch_size}")
         if self.batch_size % (self.num_workers * self.grad_accum):
             raise ConfigError(
                 f"train.batch_size={self.batch_size} is not divisible by train.num_workers x train.grad_accum "
@@ -194,8 +196,11 @@ def train_loop_per_worker(config: dict) -> None:
     if world > 1:
         model = ray.train.torch.prepare_model(model, move_to_device=False)
 
-    local_bs = tc.batch_size // (world * tc.grad_accum)
-    stream = _batches(ray.train.get_dataset_shard("train"), counters.data, local_bs, tc, device)
+    if hasattr(task, "batch_stream"):  # recipes that draw their own batches (drifting: class-balanced)
+        stream = task.batch_stream(counters.data, rank, world, device)
+    else:
+        local_bs = tc.batch_size // (world * tc.grad_accum)
+        stream = _batches(ray.train.get_dataset_shard("train"), counters.data, local_bs, tc, device)
     progress = Progress(tc.steps, counters.step, f"train {run_dir.name}") if rank == 0 and cfg.log.progress else None
 
     # window sums stay on the device: reading them every step would sync a GPU every step

@@ -1,0 +1,500 @@
+"""Drifting recipe (Deng et al., arXiv 2602.04770): a one-step class-conditional generator trained
+by regressing frozen latent-MAE features of its samples onto drifted targets.
+
+Stages of `jobs/drifting.py`, each resumable:
+  1. the feature MAE (raygen.recipes.latent_mae), unless `stage.mae_ckpt` names a trained one;
+  2. the generator (raygen.nets.drift_dit) with the drifting loss (raygen.methods.drifting), batches
+     of `nc` classes x (G generated, P positives, U unconditional negatives) per step;
+  3. one-step generation for every omega in `eval.omegas`, FID / class accuracy per omega.
+Pixel space for the embedded digits; `stage.latents=<store>` trains in SD-VAE latent space.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+
+from raygen.config import ConfigError
+from raygen.data import images as image_data
+from raygen.methods.drifting import DriftConfig, check_feasible, drifting_loss, sample_omega
+from raygen.recipes.latent_mae import MAEModelConfig
+from raygen.train.loop import DebugConfig, LogConfig, OptimConfig, TrainConfig
+from raygen.train.state import DataPosition
+
+NAME = "drifting"
+
+
+@dataclass
+class RunSection:
+    name: Optional[str] = None  # a named run resumes when started again with the same name
+
+
+@dataclass
+class StageConfig:
+    space: Literal["pixel", "latent"] = "pixel"  # latent: the preset needs stage.latents
+    latents: Optional[str] = None  # a latent store (jobs/encode_latents.py): train in its latent space
+    mae_ckpt: Optional[str] = None  # a trained MAE (mae.pt or its run dir); unset: stage 1 trains one
+
+
+@dataclass
+class MAEStageConfig:
+    """Stage 1, used when stage.mae_ckpt is unset: the MAE's network and its own training schedule."""
+
+    model: MAEModelConfig = field(default_factory=MAEModelConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=4e-3, weight_decay=0.01, betas=(0.9, 0.95),
+                                                                   warmup_steps=4000))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=30000, batch_size=8192, ema_decay=0.9995))
+
+
+@dataclass
+class GeneratorConfig:
+    arch: str = "DriftDiT-B/2"  # DriftDiT-{T,S,B,L}/{2,4,16}
+    hidden_size: Optional[int] = None  # overrides of the named size
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+
+
+@dataclass
+class FeatureConfig:
+    """Which MAE features span the drift problems (spec 2.2: 12 maps x 7 keys + 2 input keys)."""
+
+    maps: Optional[list[str]] = None  # MAE maps (conv1, layer1..4, layer<k>_blk<j>); null = all
+    patch_sizes: list[int] = field(default_factory=lambda: [2, 4])
+    input_keys: bool = True  # x_norm and x_global: the raw sample itself (the "vanilla" drift)
+
+
+@dataclass
+class BatchConfig:
+    """Per optimizer step (spec 2.1): nc classes x (G generated, P positives, U uncond negatives)."""
+
+    nc: int = 64  # classes per step, counted over all workers
+    gen: int = 64  # G
+    pos: int = 64  # P, drawn from the class
+    uncond: int = 16  # U, drawn from the whole data set
+    distinct_classes: bool = True  # the nc classes of a step are distinct (when nc <= number of classes)
+    omega_min: float = 1.0  # omega ~ p(omega) proportional to omega^-power on [omega_min, omega_max]
+    omega_max: float = 4.0
+    omega_power: float = 3.0
+    no_cfg_frac: float = 0.0  # fraction of classes trained at omega = 1 (SOTA-L: 0.5)
+    flips: Literal["random", "plain"] = "random"  # latent stores with flipped copies: pick one at random
+
+    def validate(self):
+        for k in ("nc", "gen", "pos", "uncond"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"batch.{k} must be >= 1, got {getattr(self, k)}")
+        if self.gen < 2:
+            raise ConfigError("batch.gen must be >= 2: generated samples repel each other")
+        if not 1.0 <= self.omega_min <= self.omega_max:
+            raise ConfigError(f"need 1 <= batch.omega_min <= batch.omega_max, got {self.omega_min}, {self.omega_max}")
+        if not 0.0 <= self.no_cfg_frac <= 1.0:
+            raise ConfigError(f"batch.no_cfg_frac must be in [0, 1], got {self.no_cfg_frac}")
+
+
+@dataclass
+class DriftEvalConfig:
+    enabled: bool = True
+    omegas: list[float] = field(default_factory=lambda: [1.0, 1.5, 2.0, 3.0])
+    extractor: Literal["auto", "digits", "inception", "none"] = "auto"  # auto: digits on digits, else inception if weights given
+    inception_weights: Optional[str] = None  # local path or URL of inception-2015-12-05.pt (TorchScript)
+    num_samples: int = 1000  # per omega, class-balanced
+    batch_size: int = 500
+    untrained_baseline: bool = True  # FID of the untrained generator under the same protocol
+    preview_omega: float = 1.5  # omega of the training-time sample grids
+    seed: int = 1234
+    cpus: int = 0  # CPUs for the evaluation task; 0 = every CPU of the local node
+
+    def validate(self):
+        if not self.omegas or min(self.omegas) < 1.0:
+            raise ConfigError(f"eval.omegas must be a non-empty list of values >= 1, got {self.omegas}")
+        if self.num_samples < 2:
+            raise ConfigError("eval.num_samples must be >= 2 (FID needs a covariance)")
+        if self.extractor == "inception" and not self.inception_weights:
+            raise ConfigError("eval.extractor=inception needs eval.inception_weights=<path or URL of "
+                              "inception-2015-12-05.pt>")
+
+
+@dataclass
+class DriftTrainConfig(TrainConfig):
+    batch_size: int = 0  # set from batch.nc x batch.gen (generated samples per step); not set by hand
+
+
+@dataclass
+class DriftingConfig:
+    run: RunSection = field(default_factory=RunSection)
+    stage: StageConfig = field(default_factory=StageConfig)
+    data: image_data.ImageDataConfig = field(default_factory=image_data.ImageDataConfig)
+    mae: MAEStageConfig = field(default_factory=MAEStageConfig)
+    model: GeneratorConfig = field(default_factory=GeneratorConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, weight_decay=0.01, betas=(0.9, 0.95),
+                                                                   warmup_steps=5000, grad_clip=2.0))
+    train: DriftTrainConfig = field(default_factory=lambda: DriftTrainConfig(steps=30000))
+    eval: DriftEvalConfig = field(default_factory=DriftEvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+    def validate(self):
+        from raygen.nets.drift_dit import DRIFT_DIT_PATCHES, DRIFT_DIT_SIZES
+
+        if self.stage.space == "latent" and not self.stage.latents and self.data.source != "latents":
+            raise ConfigError("this preset trains in latent space: set stage.latents=<store directory> (make one "
+                              "with `python jobs/encode_latents.py source.path=...`)")
+        if self.stage.latents:
+            if self.data.source != "latents" or self.data.path != self.stage.latents:
+                self.data = image_data.ImageDataConfig(source="latents", path=self.stage.latents,
+                                                       latent_flips=self.data.latent_flips)
+                self.data.validate()
+        if self.data.source == "image_folder":
+            raise ConfigError("data.source=image_folder: the drifting recipe reads class-indexed random batches; "
+                              "encode the folder into a store first (jobs/encode_latents.py) and pass stage.latents")
+        size, _, patch = self.model.arch.removeprefix("DriftDiT-").partition("/")
+        if size not in DRIFT_DIT_SIZES or not patch.isdigit() or int(patch) not in DRIFT_DIT_PATCHES:
+            raise ConfigError(f"model.arch={self.model.arch!r} is not a generator size; use DriftDiT-<"
+                              f"{'|'.join(DRIFT_DIT_SIZES)}>/<{'|'.join(map(str, DRIFT_DIT_PATCHES))}>")
+        patch = int(patch)
+        if self.data.resolution % patch:
+            raise ConfigError(f"data.resolution={self.data.resolution} is not divisible by the patch size {patch} "
+                              f"of model.arch={self.model.arch}")
+        t = self.train
+        if self.batch.nc % (t.num_workers * t.grad_accum):
+            raise ConfigError(
+                f"batch.nc={self.batch.nc} classes per step is not divisible by train.num_workers x train.grad_accum "
+                f"= {t.num_workers * t.grad_accum}; every worker takes whole classes, so pick a multiple")
+        num_classes = len(image_data.class_names(self.data))
+        if self.batch.distinct_classes and self.batch.nc > num_classes:
+            raise ConfigError(f"batch.nc={self.batch.nc} distinct classes per step, but the data has {num_classes}; "
+                              f"lower batch.nc or set batch.distinct_classes=false")
+        t.batch_size = self.batch.nc * self.batch.gen  # generated samples per step (throughput metrics)
+        check_feasible(self.drift, self.batch.omega_min if self.batch.no_cfg_frac == 0 else 1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+class ClassIndexedData:
+    """Random access to the training set by class: the embedded images in memory, or a latent store
+    memory-mapped (positions of each class from its label index, rows read on demand)."""
+
+    def __init__(self, data_cfg: image_data.ImageDataConfig, flips: str = "random"):
+        self.cfg, self.flips = data_cfg, flips
+        self._store = self._images = None
+        if data_cfg.source == "latents":
+            from raygen.data.store import Store
+
+            self._store = Store(data_cfg.path)
+            self.labels = self._store.labels
+            self._arrays = [self._store.array("latent")]
+            if flips == "random" and "latent_flip" in self._store.array_names:
+                self._arrays.append(self._store.array("latent_flip"))
+            self.num_classes = len(self._store.class_names)
+        else:
+            images, self.labels = image_data.arrays(data_cfg, "train")
+            self._images = image_data.to_model_input({"image": images, "label": self.labels})["image"]
+            self.num_classes = len(image_data.class_names(data_cfg))
+        order = np.argsort(self.labels, kind="stable")
+        bounds = np.searchsorted(self.labels[order], np.arange(self.num_classes + 1))
+        self.by_class = [order[bounds[c]:bounds[c + 1]] for c in range(self.num_classes)]
+        empty = [c for c in range(self.num_classes) if len(self.by_class[c]) == 0]
+        if empty:
+            raise ConfigError(f"{data_cfg.path or data_cfg.source}: class(es) {empty} have no training items; the "
+                              f"drifting loss needs positives for every class it trains")
+
+    def rows(self, idx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        flat = idx.reshape(-1)
+        if self._images is not None:
+            out = self._images[flat]
+        else:
+            # memmap reads in sorted order (fancy indexing sorts per shard anyway), one copy per row
+            out = np.empty((len(flat), *self._arrays[0][flat[:1]].shape[1:]), np.float32)
+            pick = rng.integers(0, len(self._arrays), len(flat))
+            for k, arr in enumerate(self._arrays):
+                sel = np.flatnonzero(pick == k)
+                if len(sel):
+                    out[sel] = arr[flat[sel]]
+        return out.reshape(*idx.shape, *out.shape[1:])
+
+    def sample(self, classes: np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray:
+        """[len(classes), per_class] positions, without replacement where the class is large enough."""
+        out = np.empty((len(classes), per_class), np.int64)
+        for row, c in enumerate(classes):
+            pool = self.by_class[int(c)]
+            out[row] = rng.choice(pool, per_class, replace=len(pool) < per_class)
+        return out
+
+
+def _prefetch(iterator, depth: int = 2):
+    """Run a batch iterator in a thread, `depth` batches ahead (memmap reads off the training thread)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work():
+        try:
+            for item in iterator:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as e:  # surfaces in the training thread
+            q.put(e)
+
+    threading.Thread(target=work, daemon=True).start()
+    try:
+        while True:
+            item = q.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+class Drifting:
+    """The method: draw omega per class, generate G samples per class in one step, take MAE
+    features of generated (with grad) and real (no grad) samples, and regress onto the drift."""
+
+    def __init__(self, cfg: DriftingConfig, mae_state: dict):
+        self.cfg, self._mae_state, self._mae = cfg, mae_state, None
+
+    def mae(self, device):
+        if self._mae is None:
+            from raygen.recipes.latent_mae import build_mae
+
+            net = build_mae(self._mae_state["model_args"])
+            net.load_state_dict(self._mae_state["ema"])
+            self._mae = net.requires_grad_(False).eval().to(device)
+        return self._mae
+
+    def features(self, x: torch.Tensor) -> dict:
+        f = self.cfg.features
+        return self.mae(x.device).features(x, layers=f.maps, patch_sizes=tuple(f.patch_sizes),
+                                           include_input=f.input_keys)
+
+    def draw(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        b = self.cfg.batch
+        return sample_omega(n, generator, lo=b.omega_min, hi=b.omega_max, power=b.omega_power,
+                            no_cfg_frac=b.no_cfg_frac)
+
+    def loss(self, net, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        from raygen.nets.drift_dit import draw_style
+
+        labels, pos, uncond = batch["label"], batch["pos"], batch["uncond"]
+        nc, g = len(labels), self.cfg.batch.gen
+        omega = self.draw(nc, generator).to(labels.device)
+        shape = pos.shape[2:]
+        noise = torch.randn((nc * g, *shape), generator=generator, device=generator.device).to(labels.device)
+        style = draw_style(nc * g, generator).to(labels.device)
+        x = net(noise, labels.repeat_interleave(g), omega.repeat_interleave(g), style)
+        gen = self.features(x)
+        with torch.no_grad():
+            real = self.features(torch.cat([pos.flatten(0, 1), uncond.flatten(0, 1)]))
+        p = pos.shape[1]
+        split = nc * p
+        gen = {k: v.unflatten(0, (nc, g)) for k, v in gen.items()}
+        pos_f = {k: v[:split].unflatten(0, (nc, p)) for k, v in real.items()}
+        unc_f = {k: v[split:].unflatten(0, (nc, uncond.shape[1])) for k, v in real.items()}
+        loss, self.last_stats = drifting_loss(gen, pos_f, unc_f, omega, self.cfg.drift)
+        return loss
+
+
+class DriftingTask:
+    """What the generic loop and the evaluator need: networks, method, batches, previews."""
+
+    recipe = NAME
+
+    def __init__(self, cfg: DriftingConfig, mae_state: Optional[dict] = None):
+        self.cfg = cfg
+        self.mae_state = mae_state
+        self.class_names = image_data.class_names(cfg.data)
+        self.num_classes = len(self.class_names)
+        self.image_shape = (image_data.channels(cfg.data), cfg.data.resolution, cfg.data.resolution)
+        self.pixel_data = image_data.pixel_source(cfg.data)
+        self.store_meta = image_data.store_meta(cfg.data) if cfg.data.source == "latents" else None
+        pixel_res = self.store_meta["preprocessing"]["resolution"] if self.store_meta else cfg.data.resolution
+        self.preview_upscale = max(1, 64 // pixel_res)
+
+    def build_net(self) -> torch.nn.Module:
+        from raygen.nets.drift_dit import drift_dit
+
+        m = self.cfg.model
+        overrides = {k: v for k in ("hidden_size", "depth", "num_heads") if (v := getattr(m, k)) is not None}
+        return drift_dit(m.arch, input_size=self.cfg.data.resolution, in_channels=self.image_shape[0],
+                         num_classes=self.num_classes, **overrides)
+
+    def build_method(self) -> Drifting:
+        return Drifting(self.cfg, self.mae_state)
+
+    def generate(self, method, net, labels: torch.Tensor, generator: torch.Generator, omega: float = 1.0):
+        """One network evaluation per sample; images in [-1, 1]; all randomness from `generator`."""
+        from raygen.nets.drift_dit import draw_style
+
+        device = next(net.parameters()).device
+        n = len(labels)
+        noise = torch.randn((n, *self.image_shape), generator=generator, device=generator.device)
+        style = draw_style(n, generator)
+        omegas = torch.full((n,), float(omega))
+        with torch.no_grad():
+            x = net(noise.to(device), labels.to(device), omegas.to(device), style.to(device))
+        return self.to_pixels(x)
+
+    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        if self.store_meta is None:
+            return x
+        from raygen.data.encoders import decode_latents
+
+        img = decode_latents(self.store_meta, x)
+        if self.pixel_data is not None and image_data.channels(self.pixel_data) == 1:
+            img = img.mean(1, keepdim=True)
+        return img
+
+    def preview(self, net, generator: torch.Generator, per_class: int = 8) -> torch.Tensor:
+        labels = torch.arange(self.num_classes).repeat(per_class)
+        return self.generate(None, net, labels, generator, omega=self.cfg.eval.preview_omega)
+
+    def batch_stream(self, position: DataPosition, rank: int, world: int, device):
+        """Endless (position, batch) stream. Micro-batch i draws its classes from a generator seeded by
+        (seed, i), the same on every worker, and each worker takes its slice of them; positives and
+        negatives come from a generator seeded by (seed, i, rank). The stream is a pure function of
+        the position, so a resumed run continues it exactly."""
+        b, tc = self.cfg.batch, self.cfg.train
+        data = ClassIndexedData(self.cfg.data, b.flips)
+        per_micro = b.nc // tc.grad_accum  # global classes per micro-batch
+        local = per_micro // world
+
+        def batches():
+            i = position.batch
+            while True:
+                rng = np.random.default_rng([tc.seed, i])
+                classes = rng.choice(data.num_classes, per_micro,
+                                     replace=not b.distinct_classes or per_micro > data.num_classes)
+                classes = classes[rank * local:(rank + 1) * local]
+                rng = np.random.default_rng([tc.seed, i, rank])
+                pos = data.rows(data.sample(classes, b.pos, rng), rng)
+                unc = data.rows(rng.integers(0, len(data.labels), (len(classes), b.uncond)), rng)
+                i += 1
+                yield i, {"label": torch.from_numpy(classes.astype(np.int64)),
+                          "pos": torch.from_numpy(pos), "uncond": torch.from_numpy(unc)}
+
+        for i, batch in _prefetch(batches()):
+            yield DataPosition(0, i), {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+def evaluate_omegas(task: DriftingTask, ema_state: dict, run_dir, cpus: int = 0) -> dict:
+    """eval/omega_sweep.{json,csv,png}, eval/samples_omega<w>.png per omega, eval/metrics.json (the best
+    omega by FID, and the untrained generator's FID under the same protocol)."""
+    import time
+
+    from raygen.eval.evaluate import Evaluator, _write_json, write_sweep
+    from raygen.eval.grid import save_grid
+
+    if cpus:
+        torch.set_num_threads(cpus)
+    cfg = task.cfg.eval
+    out = Path(run_dir) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    net = task.build_net().to(device).eval()
+    net.load_state_dict(ema_state)
+    ev = Evaluator(task, cfg, device)
+    per_class = min(10, max(1, cfg.num_samples // task.num_classes))
+    rows = []
+    for omega in cfg.omegas:
+        t0 = time.perf_counter()
+        images, labels = ev.sample(None, net, cfg.num_samples, omega=omega)
+        rows.append({"omega": omega, **ev.score(images, labels), "num_samples": cfg.num_samples,
+                     "seconds": round(time.perf_counter() - t0, 2)})
+        save_grid(images[: per_class * task.num_classes], out / f"samples_omega{omega:g}.png",
+                  nrow=task.num_classes, upscale=task.preview_upscale)
+    write_sweep(rows, out / "omega_sweep", x="omega", title=f"one-step generation vs CFG omega "
+                f"({cfg.num_samples} samples each)", xscale="linear")
+    metrics: dict = {"fid_features": getattr(ev.extractor, "name", None), "num_samples": cfg.num_samples,
+                     "nfe": 1, "weights": "ema", "omegas": list(cfg.omegas)}
+    if ev.extractor is not None:
+        best = min(rows, key=lambda r: r["fid"])
+        metrics.update({"best_omega": best["omega"], "fid": best["fid"]})
+        if "class_accuracy" in best:
+            metrics["class_accuracy"] = best["class_accuracy"]
+        if hasattr(ev.extractor, "test_accuracy"):
+            metrics["classifier_test_accuracy"] = ev.extractor.test_accuracy()
+        if cfg.untrained_baseline:
+            torch.manual_seed(cfg.seed)
+            untrained = task.build_net().to(device).eval()
+            u = ev.score(*ev.sample(None, untrained, cfg.num_samples, omega=best["omega"]))
+            metrics["fid_untrained"] = u["fid"]
+            metrics["fid_untrained_over_fid"] = u["fid"] / max(best["fid"], 1e-12)
+            if "class_accuracy" in u:
+                metrics["class_accuracy_untrained"] = u["class_accuracy"]
+    _write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def mae_stage(cfg: DriftingConfig, run_dir: Path) -> Path:
+    """Stage 1: the MAE named by stage.mae_ckpt, or one trained into <run_dir>/mae (kept on resume)."""
+    from raygen.config import dump_yaml
+    from raygen.recipes import latent_mae
+
+    if cfg.stage.mae_ckpt:
+        return Path(cfg.stage.mae_ckpt)
+    mae_dir = Path(run_dir) / "mae"
+    if (mae_dir / latent_mae.MAE_FILE).is_file():
+        print(f"stage 1: using the MAE already trained in {mae_dir}", flush=True)
+        return mae_dir
+    mae_cfg = latent_mae.LatentMAEConfig(data=cfg.data, model=cfg.mae.model, optim=cfg.mae.optim,
+                                         train=cfg.mae.train, log=cfg.log)
+    mae_dir.mkdir(parents=True, exist_ok=True)
+    dump_yaml(mae_cfg, mae_dir / "config.yaml")
+    print(f"stage 1: training the feature MAE into {mae_dir}", flush=True)
+    latent_mae.run(mae_cfg, mae_dir)
+    return mae_dir
+
+
+def run(cfg: DriftingConfig, run_dir) -> dict:
+    import ray
+
+    from raygen.recipes.latent_mae import load_mae
+    from raygen.train.loop import final_state, fit, plot_metrics
+
+    run_dir = Path(run_dir)
+    mae_path = mae_stage(cfg, run_dir)
+    _, mae_state = load_mae(mae_path)
+    check_mae(mae_state, cfg)
+    print("stage 2: training the one-step generator", flush=True)
+    task = DriftingTask(cfg, mae_state)
+    result = fit(task, run_dir, {})
+    plot_metrics(run_dir)
+    if not cfg.eval.enabled:
+        return {}
+    print(f"stage 3: one-step generation and evaluation at omega = {cfg.eval.omegas}", flush=True)
+    ema = final_state(result)["ema"]
+    use_gpu = (cfg.train.use_gpu if cfg.train.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0)
+    cpus = cfg.eval.cpus or max(1, int(ray.available_resources().get("CPU", 1)))
+    remote = ray.remote(num_cpus=cpus, num_gpus=1 if use_gpu else 0)(evaluate_omegas)
+    return ray.get(remote.remote(task, ema, str(run_dir), cpus))
+
+
+def check_mae(mae_state: dict, cfg: DriftingConfig) -> None:
+    """The MAE must have been trained on samples shaped like the generator's output."""
+    args = mae_state["model_args"]
+    want = (image_data.channels(cfg.data), cfg.data.resolution)
+    if (args["in_channels"], args["input_size"]) != want:
+        raise ConfigError(f"stage.mae_ckpt: the MAE takes {args['in_channels']}x{args['input_size']}² inputs but the "
+                          f"generator makes {want[0]}x{want[1]}² samples; train the MAE on the same data")
+
+
+def main(argv=None):
+    """The `jobs/drifting.py` entry point; returns the run directory."""
+    from raygen.cli import guarded, init_ray, report, setup_job
+
+    cfg, run_dir, _ = setup_job(NAME, DriftingConfig, argv)
+    init_ray()
+    report(run_dir, guarded(run, cfg, run_dir))
+    return run_dir

@@ -1,0 +1,152 @@
+"""The drifting job as users meet it: config errors before anything runs, the class-balanced batch
+stream (deterministic, resumable, split over workers), and the whole chain end to end."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from raygen.cli import preset_dir
+from raygen.config import load_config
+from raygen.recipes.drifting import DriftingConfig, DriftingTask
+from raygen.train.state import DataPosition
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def config(*overrides, preset="smoke"):
+    cfg, _ = load_config(DriftingConfig, preset=preset, preset_dir=preset_dir("drifting"), overrides=list(overrides))
+    return cfg
+
+
+def job_error(capsys, tmp_path, *argv) -> str:
+    from raygen.recipes.drifting import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--runs-root", str(tmp_path), *argv])
+    assert e.value.code == 2
+    assert not (tmp_path / "drifting").exists() or not any((tmp_path / "drifting").iterdir()), "nothing written"
+    return capsys.readouterr().err
+
+
+def test_config_errors_name_the_key_and_the_fix(capsys, tmp_path):
+    err = job_error(capsys, tmp_path, "--preset", "smoke", "train.num_workers=3")
+    assert "batch.nc=10" in err and "train.num_workers" in err and "multiple" in err
+    err = job_error(capsys, tmp_path, "--preset", "smoke", "drift.coupling=sinkhorn", "drift.sinkhorn_marginal=none")
+    assert "sinkhorn" in err.lower() and "omega" in err.lower()
+    err = job_error(capsys, tmp_path, "--preset", "imagenet256_ablation")
+    assert "stage.latents" in err
+    err = job_error(capsys, tmp_path, "--preset", "smoke", "batch.nc=11")
+    assert "batch.nc=11" in err  # more distinct classes than the digits have
+    err = job_error(capsys, tmp_path, "--preset", "smoke", "model.arch=DriftDiT-T/3")
+    assert "model.arch" in err
+
+
+def test_sinkhorn_none_is_fine_when_every_class_has_cfg():
+    cfg = config("drift.coupling=sinkhorn", "drift.sinkhorn_marginal=none", "batch.omega_min=1.5")
+    assert cfg.drift.coupling == "sinkhorn"
+
+
+def take(stream, n):
+    return [next(stream) for _ in range(n)]
+
+
+def test_batch_stream_is_class_balanced_deterministic_resumable_and_split_over_workers():
+    cfg = config("batch.nc=10", "batch.pos=5", "batch.uncond=3")
+    task = DriftingTask(cfg)
+    from raygen.recipes.drifting import ClassIndexedData
+
+    data = ClassIndexedData(cfg.data)
+    data_labels = data.labels
+    one = take(task.batch_stream(DataPosition(), 0, 1, "cpu"), 4)
+    again = take(task.batch_stream(DataPosition(), 0, 1, "cpu"), 4)
+    for (p1, b1), (p2, b2) in zip(one, again):
+        assert p1 == p2
+        for k in b1:
+            torch.testing.assert_close(b1[k], b2[k])
+    assert [p.batch for p, _ in one] == [1, 2, 3, 4]
+    # resuming at position 2 continues with the third batch exactly
+    (p3, b3), = take(task.batch_stream(DataPosition(0, 2), 0, 1, "cpu"), 1)
+    assert p3.batch == 3
+    for k in b3:
+        torch.testing.assert_close(b3[k], one[2][1][k])
+    _, b = one[0]
+    assert sorted(b["label"].tolist()) == list(range(10))  # nc = all 10 digits, distinct
+    assert b["pos"].shape == (10, 5, 1, 16, 16) and b["uncond"].shape == (10, 3, 1, 16, 16)
+    # every positive is an image of its class: find each one in the data set
+    flat = torch.from_numpy(data._images.reshape(len(data_labels), -1))
+    for c, pos in zip(b["label"].tolist(), b["pos"]):
+        for img in pos:
+            match = (flat == img.reshape(1, -1)).all(1).nonzero().flatten().numpy()
+            assert len(match) and all(data_labels[m] == c for m in match)
+    assert not torch.equal(one[0][1]["pos"], one[1][1]["pos"])  # fresh draws every step
+    # two workers: the same global classes, split in halves, different positives
+    w0 = take(task.batch_stream(DataPosition(), 0, 2, "cpu"), 1)[0][1]
+    w1 = take(task.batch_stream(DataPosition(), 1, 2, "cpu"), 1)[0][1]
+    assert len(w0["label"]) == len(w1["label"]) == 5
+    assert torch.equal(torch.cat([w0["label"], w1["label"]]), one[0][1]["label"])
+
+
+def test_generation_uses_only_the_callers_generator():
+    cfg = config()
+    task = DriftingTask(cfg)
+    net = task.build_net()
+    for p in net.parameters():  # make the output depend on the inputs (the output layer starts at zero)
+        if p.dim() > 1 and p.abs().sum() == 0:
+            torch.nn.init.normal_(p, std=0.02)
+    labels = torch.arange(10)
+    state = torch.get_rng_state()
+    a = task.generate(None, net, labels, torch.Generator().manual_seed(3), omega=2.0)
+    b = task.generate(None, net, labels, torch.Generator().manual_seed(3), omega=2.0)
+    c = task.generate(None, net, labels, torch.Generator().manual_seed(4), omega=2.0)
+    assert torch.equal(state, torch.get_rng_state())
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == (10, 1, 16, 16)
+
+
+def last_line_run_dir(output: str) -> Path:
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("run_dir: "), f"last line must be 'run_dir: <path>', got {last!r}"
+    return Path(last.removeprefix("run_dir: "))
+
+
+@pytest.mark.slow
+def test_smoke_chain_end_to_end_with_a_worker_failure(tmp_path):
+    """MAE -> generator (a worker fails once at step 7 and the group resumes from the step-6
+    checkpoint) -> omega sweep; every promised file exists with the right content."""
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "drifting.py"), "--preset", "smoke", "--runs-root",
+                           str(tmp_path), "debug.fail_at_step=7", "run.name=chain"],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = last_line_run_dir(proc.stdout)
+    assert run_dir.parent == tmp_path / "drifting"
+    assert (run_dir / "mae" / "mae.pt").is_file() and (run_dir / "mae" / "config.yaml").is_file()
+    assert (run_dir / ".debug_failed_at_7").exists()
+
+    sweep = json.loads((run_dir / "eval" / "omega_sweep.json").read_text())
+    assert [r["omega"] for r in sweep] == [1.0, 2.0]
+    for r in sweep:
+        assert r["fid"] > 0 and 0.0 <= r["class_accuracy"] <= 1.0 and r["num_samples"] == 100
+    assert (run_dir / "eval" / "omega_sweep.csv").read_text().startswith("omega,")
+    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    assert metrics["best_omega"] in (1.0, 2.0) and metrics["nfe"] == 1
+    assert metrics["fid"] == min(r["fid"] for r in sweep) and metrics["fid_untrained"] > 0
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [4, 8, 12], "resumed at step 6 without losing or repeating a log"
+    assert all(np.isfinite(r["loss"]) for r in records)
+    for png in ("eval/omega_sweep.png", "eval/samples_omega1.png", "eval/samples_omega2.png", "plots/training.png",
+                "samples/step_0000012.png", "mae/plots/training.png", "mae/samples/step_0000020.png"):
+        Image.open(run_dir / png).verify()
+    # the same command again: the finished MAE is reused, training is done, evaluation repeats
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "drifting.py"), "--preset", "smoke", "--runs-root",
+                           str(tmp_path), "run.name=chain", "eval.enabled=false"],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "using the MAE already trained" in proc.stdout
+    assert last_line_run_dir(proc.stdout) == run_dir
