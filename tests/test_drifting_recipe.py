@@ -79,7 +79,7 @@ def test_batch_stream_is_class_balanced_deterministic_resumable_and_split_over_w
     assert sorted(b["label"].tolist()) == list(range(10))  # nc = all 10 digits, distinct
     assert b["pos"].shape == (10, 5, 1, 16, 16) and b["uncond"].shape == (10, 3, 1, 16, 16)
     # every positive is an image of its class: find each one in the data set
-    flat = torch.from_numpy(data._images.reshape(len(data_labels), -1))
+    flat = torch.from_numpy(data.images.reshape(len(data_labels), -1))
     for c, pos in zip(b["label"].tolist(), b["pos"]):
         for img in pos:
             match = (flat == img.reshape(1, -1)).all(1).nonzero().flatten().numpy()
@@ -90,6 +90,44 @@ def test_batch_stream_is_class_balanced_deterministic_resumable_and_split_over_w
     w1 = take(task.batch_stream(DataPosition(), 1, 2, "cpu"), 1)[0][1]
     assert len(w0["label"]) == len(w1["label"]) == 5
     assert torch.equal(torch.cat([w0["label"], w1["label"]]), one[0][1]["label"])
+
+
+def tiny_mae_state(cfg):
+    from raygen.recipes.latent_mae import LatentMAEConfig, MAETask
+
+    task = MAETask(LatentMAEConfig(data=cfg.data, model=cfg.mae.model))
+    torch.manual_seed(0)
+    return {"model_args": task.model_args(), "ema": task.build_net().state_dict()}
+
+
+def test_cached_real_features_give_the_same_loss_as_computing_them():
+    """The default gathers the real samples' features from a per-worker cache: the loss and the
+    generator's gradient must equal those with the features computed from the images each step."""
+    cfg = config("batch.pos=4", "batch.uncond=3", "batch.gen=4")
+    task = DriftingTask(cfg, tiny_mae_state(cfg))
+    assert task.cache_real()
+    net = task.build_net()
+    for p in net.parameters():
+        if p.dim() > 1 and p.abs().sum() == 0:
+            torch.nn.init.normal_(p, std=0.02)
+    _, by_index = next(task.batch_stream(DataPosition(), 0, 1, "cpu"))
+    assert set(by_index) == {"label", "pos_idx", "uncond_idx"}
+    cfg.features.cache_real = False
+    _, by_image = next(task.batch_stream(DataPosition(), 0, 1, "cpu"))
+    assert set(by_image) == {"label", "pos", "uncond"}
+    assert torch.equal(by_index["label"], by_image["label"])
+    losses, grads = [], []
+    for batch, cached in ((by_index, True), (by_image, False)):
+        cfg.features.cache_real = cached
+        method = task.build_method()
+        loss = method.loss(net, batch, torch.Generator().manual_seed(5))
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None]))
+        net.zero_grad()
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-3, atol=1e-6)
+    assert losses[0] > 0 and grads[0].abs().sum() > 0
 
 
 def test_generation_uses_only_the_callers_generator():

@@ -66,6 +66,10 @@ class FeatureConfig:
     maps: Optional[list[str]] = None  # MAE maps (conv1, layer1..4, layer<k>_blk<j>); null = all
     patch_sizes: list[int] = field(default_factory=lambda: [2, 4])
     input_keys: bool = True  # x_norm and x_global: the raw sample itself (the "vanilla" drift)
+    # real samples' features are stop-grad and the MAE is frozen: for an in-memory data set, compute them
+    # once per worker and gather them by index (exact; skipped when they would exceed cache_max_mb)
+    cache_real: bool = True
+    cache_max_mb: int = 2048
 
 
 @dataclass
@@ -182,7 +186,7 @@ class ClassIndexedData:
 
     def __init__(self, data_cfg: image_data.ImageDataConfig, flips: str = "random"):
         self.cfg, self.flips = data_cfg, flips
-        self._store = self._images = None
+        self._store = self.images = None
         if data_cfg.source == "latents":
             from raygen.data.store import Store
 
@@ -194,7 +198,7 @@ class ClassIndexedData:
             self.num_classes = len(self._store.class_names)
         else:
             images, self.labels = image_data.arrays(data_cfg, "train")
-            self._images = image_data.to_model_input({"image": images, "label": self.labels})["image"]
+            self.images = image_data.to_model_input({"image": images, "label": self.labels})["image"]
             self.num_classes = len(image_data.class_names(data_cfg))
         order = np.argsort(self.labels, kind="stable")
         bounds = np.searchsorted(self.labels[order], np.arange(self.num_classes + 1))
@@ -206,8 +210,8 @@ class ClassIndexedData:
 
     def rows(self, idx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         flat = idx.reshape(-1)
-        if self._images is not None:
-            out = self._images[flat]
+        if self.images is not None:
+            out = self.images[flat]
         else:
             # memmap reads in sorted order (fancy indexing sorts per shard anyway), one copy per row
             out = np.empty((len(flat), *self._arrays[0][flat[:1]].shape[1:]), np.float32)
@@ -261,8 +265,10 @@ class Drifting:
     """The method: draw omega per class, generate G samples per class in one step, take MAE
     features of generated (with grad) and real (no grad) samples, and regress onto the drift."""
 
-    def __init__(self, cfg: DriftingConfig, mae_state: dict):
-        self.cfg, self._mae_state, self._mae = cfg, mae_state, None
+    def __init__(self, cfg: DriftingConfig, mae_state: dict, sample_shape: tuple,
+                 real_images: Optional[np.ndarray] = None):
+        self.cfg, self._mae_state, self._mae, self.sample_shape = cfg, mae_state, None, tuple(sample_shape)
+        self._real_images, self._cache = real_images, None  # real_images: cache the features of these
 
     def mae(self, device):
         if self._mae is None:
@@ -278,6 +284,20 @@ class Drifting:
         return self.mae(x.device).features(x, layers=f.maps, patch_sizes=tuple(f.patch_sizes),
                                            include_input=f.input_keys)
 
+    def real_features(self, batch: dict) -> dict:
+        """Features of the positives and negatives, [nc*P + nc*U] rows: from the cache, or computed."""
+        if "pos_idx" not in batch:
+            with torch.no_grad():
+                return self.features(torch.cat([batch["pos"].flatten(0, 1), batch["uncond"].flatten(0, 1)]))
+        idx = torch.cat([batch["pos_idx"].flatten(), batch["uncond_idx"].flatten()])
+        if self._cache is None:
+            device = idx.device
+            with torch.no_grad():
+                parts = [self.features(torch.from_numpy(self._real_images[i:i + 256]).to(device))
+                         for i in range(0, len(self._real_images), 256)]
+            self._cache = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        return {k: v[idx] for k, v in self._cache.items()}
+
     def draw(self, n: int, generator: torch.Generator) -> torch.Tensor:
         b = self.cfg.batch
         return sample_omega(n, generator, lo=b.omega_min, hi=b.omega_max, power=b.omega_power,
@@ -286,21 +306,17 @@ class Drifting:
     def loss(self, net, batch: dict, generator: torch.Generator) -> torch.Tensor:
         from raygen.nets.drift_dit import draw_style
 
-        labels, pos, uncond = batch["label"], batch["pos"], batch["uncond"]
-        nc, g = len(labels), self.cfg.batch.gen
+        b = self.cfg.batch
+        labels = batch["label"]
+        nc, g, p, u = len(labels), b.gen, b.pos, b.uncond
         omega = self.draw(nc, generator).to(labels.device)
-        shape = pos.shape[2:]
-        noise = torch.randn((nc * g, *shape), generator=generator, device=generator.device).to(labels.device)
+        noise = torch.randn((nc * g, *self.sample_shape), generator=generator, device=generator.device)
         style = draw_style(nc * g, generator).to(labels.device)
-        x = net(noise, labels.repeat_interleave(g), omega.repeat_interleave(g), style)
-        gen = self.features(x)
-        with torch.no_grad():
-            real = self.features(torch.cat([pos.flatten(0, 1), uncond.flatten(0, 1)]))
-        p = pos.shape[1]
-        split = nc * p
-        gen = {k: v.unflatten(0, (nc, g)) for k, v in gen.items()}
-        pos_f = {k: v[:split].unflatten(0, (nc, p)) for k, v in real.items()}
-        unc_f = {k: v[split:].unflatten(0, (nc, uncond.shape[1])) for k, v in real.items()}
+        x = net(noise.to(labels.device), labels.repeat_interleave(g), omega.repeat_interleave(g), style)
+        gen = {k: v.unflatten(0, (nc, g)) for k, v in self.features(x).items()}
+        real = self.real_features(batch)
+        pos_f = {k: v[:nc * p].unflatten(0, (nc, p)) for k, v in real.items()}
+        unc_f = {k: v[nc * p:].unflatten(0, (nc, u)) for k, v in real.items()}
         loss, self.last_stats = drifting_loss(gen, pos_f, unc_f, omega, self.cfg.drift)
         return loss
 
@@ -330,7 +346,21 @@ class DriftingTask:
                          num_classes=self.num_classes, **overrides)
 
     def build_method(self) -> Drifting:
-        return Drifting(self.cfg, self.mae_state)
+        real = ClassIndexedData(self.cfg.data).images if self.cache_real() else None
+        return Drifting(self.cfg, self.mae_state, self.image_shape, real)
+
+    def cache_real(self) -> bool:
+        """Whether the real samples' features are computed once and gathered by index (FeatureConfig)."""
+        f = self.cfg.features
+        if not f.cache_real or self.cfg.data.source == "latents" or self.mae_state is None:
+            return False
+        from raygen.recipes.latent_mae import build_mae
+
+        with torch.device("meta"):
+            keys = build_mae(self.mae_state["model_args"]).feature_keys(f.maps, tuple(f.patch_sizes), f.input_keys)
+        per_item = sum(L * C for L, C in keys.values()) * 4
+        n = len(image_data.arrays(self.cfg.data, "train")[1])
+        return per_item * n <= f.cache_max_mb * 2**20
 
     def generate(self, method, net, labels: torch.Tensor, generator: torch.Generator, omega: float = 1.0):
         """One network evaluation per sample; images in [-1, 1]; all randomness from `generator`."""
@@ -366,6 +396,7 @@ class DriftingTask:
         the position, so a resumed run continues it exactly."""
         b, tc = self.cfg.batch, self.cfg.train
         data = ClassIndexedData(self.cfg.data, b.flips)
+        by_index = self.cache_real()  # the method gathers cached features by index
         per_micro = b.nc // tc.grad_accum  # global classes per micro-batch
         local = per_micro // world
 
@@ -377,11 +408,15 @@ class DriftingTask:
                                      replace=not b.distinct_classes or per_micro > data.num_classes)
                 classes = classes[rank * local:(rank + 1) * local]
                 rng = np.random.default_rng([tc.seed, i, rank])
-                pos = data.rows(data.sample(classes, b.pos, rng), rng)
-                unc = data.rows(rng.integers(0, len(data.labels), (len(classes), b.uncond)), rng)
+                pos = data.sample(classes, b.pos, rng)
+                unc = rng.integers(0, len(data.labels), (len(classes), b.uncond))
+                batch = {"label": torch.from_numpy(classes.astype(np.int64))}
+                if by_index:
+                    batch.update(pos_idx=torch.from_numpy(pos), uncond_idx=torch.from_numpy(unc))
+                else:
+                    batch.update(pos=torch.from_numpy(data.rows(pos, rng)), uncond=torch.from_numpy(data.rows(unc, rng)))
                 i += 1
-                yield i, {"label": torch.from_numpy(classes.astype(np.int64)),
-                          "pos": torch.from_numpy(pos), "uncond": torch.from_numpy(unc)}
+                yield i, batch
 
         for i, batch in _prefetch(batches()):
             yield DataPosition(0, i), {k: v.to(device, non_blocking=True) for k, v in batch.items()}
