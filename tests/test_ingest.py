@@ -300,10 +300,11 @@ def test_npy_volume_slices_keep_one_intensity_scale(ray_cluster, tiny_vae, tmp_p
 
 
 @pytest.mark.slow
-def test_dit_trains_on_a_latent_store(ray_cluster, tiny_vae, tmp_path):
+def test_dit_and_drifting_train_on_a_latent_store(ray_cluster, tiny_vae, tmp_path):
     """`jobs/dit.py --preset latent_smoke` reads a store of the embedded digits through
     get_dataset_shard, samples latents and decodes them through the store's VAE; evaluation scores
-    the decoded pixels against the digits the store was made from."""
+    the decoded pixels against the digits the store was made from. `jobs/drifting.py --preset smoke
+    stage.latents=<store>` does the same with memory-mapped class-balanced batches."""
     import subprocess
     import sys
 
@@ -323,6 +324,19 @@ def test_dit_trains_on_a_latent_store(ray_cluster, tiny_vae, tmp_path):
     grid = Image.open(run_dir / "eval" / "samples.png")
     assert grid.size[0] >= 10 * 32  # decoded 32x32 digits, one column per class
     assert (run_dir / "samples" / "step_0000030.png").is_file()
+
+    # the drifting chain on the same store: MAE and generator in latent space, samples decoded for scoring
+    proc = subprocess.run([sys.executable, str(root / "jobs" / "drifting.py"), "--preset", "smoke",
+                           f"stage.latents={store}", "eval.num_samples=20", "--runs-root", str(tmp_path)],
+                          capture_output=True, text=True, timeout=900, env={**os.environ, "WANDB_MODE": "offline"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = Path(proc.stdout.strip().splitlines()[-1].removeprefix("run_dir: "))
+    mae = torch.load(run_dir / "mae" / "mae.pt", weights_only=False)
+    assert mae["model_args"]["in_channels"] == 4 and mae["model_args"]["input_size"] == 16  # the latents' shape
+    sweep = json.loads((run_dir / "eval" / "omega_sweep.json").read_text())
+    assert [r["omega"] for r in sweep] == [1.0, 2.0] and all("fid" in r and "class_accuracy" in r for r in sweep)
+    grid = Image.open(run_dir / "eval" / "samples_omega1.png")
+    assert grid.size[0] >= 10 * 32  # decoded 32x32 digits, one column per class
 
 
 def test_store_random_access_and_dataset(mean_store, ray_cluster):
