@@ -12,14 +12,10 @@ from raygen.data import images as image_data
 from raygen.eval.evaluate import EvalConfig
 from raygen.methods.ddpm import DDPM, DDPMConfig
 from raygen.nets.dit import DIT_SIZES, dit
+from raygen.recipes.common import ImageTask, RunSection
 from raygen.train.loop import DebugConfig, LogConfig, OptimConfig, TrainConfig
 
 NAME = "dit"
-
-
-@dataclass
-class RunSection:
-    name: Optional[str] = None  # a named run resumes when started again with the same name
 
 
 @dataclass
@@ -57,21 +53,10 @@ class DiTConfig:
             )
 
 
-class DiTTask:
+class DiTTask(ImageTask):
     """What the generic loop and the evaluator need: the network, the method, previews."""
 
     recipe = NAME
-
-    def __init__(self, cfg: DiTConfig):
-        self.cfg = cfg
-        self.class_names = image_data.class_names(cfg.data)
-        self.num_classes = len(self.class_names)
-        self.image_shape = (image_data.channels(cfg.data), cfg.data.resolution, cfg.data.resolution)
-        # latent runs decode samples through the store's VAE; FID/accuracy then use the pixel source
-        self.pixel_data = image_data.pixel_source(cfg.data)
-        self.store_meta = image_data.store_meta(cfg.data) if cfg.data.source == "latents" else None
-        pixel_res = self.store_meta["preprocessing"]["resolution"] if self.store_meta else cfg.data.resolution
-        self.preview_upscale = max(1, 64 // pixel_res)
 
     def build_net(self) -> torch.nn.Module:
         m = self.cfg.model
@@ -88,17 +73,6 @@ class DiTTask:
         noise = torch.randn((len(labels), *self.image_shape), generator=generator, device=generator.device)
         x = method.sample(net, noise.to(device), labels.to(device), generator=generator, **sampler)
         return self.to_pixels(x)
-
-    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
-        """Latents -> decoded images (grayscale when the store was made from grayscale digits)."""
-        if self.store_meta is None:
-            return x
-        from raygen.data.encoders import decode_latents
-
-        img = decode_latents(self.store_meta, x)
-        if self.pixel_data is not None and image_data.channels(self.pixel_data) == 1:
-            img = img.mean(1, keepdim=True)
-        return img
 
     def preview(self, net, generator: torch.Generator, per_class: int = 8) -> torch.Tensor:
         """A class-per-column grid: `per_class` rows of every class."""

@@ -22,16 +22,12 @@ import torch
 from raygen.config import ConfigError
 from raygen.data import images as image_data
 from raygen.methods.drifting import DriftConfig, check_feasible, drifting_loss, sample_omega
+from raygen.recipes.common import ImageTask, RunSection
 from raygen.recipes.latent_mae import MAEModelConfig
 from raygen.train.loop import DebugConfig, LogConfig, OptimConfig, TrainConfig
 from raygen.train.state import DataPosition
 
 NAME = "drifting"
-
-
-@dataclass
-class RunSection:
-    name: Optional[str] = None  # a named run resumes when started again with the same name
 
 
 @dataclass
@@ -321,21 +317,14 @@ class Drifting:
         return loss
 
 
-class DriftingTask:
+class DriftingTask(ImageTask):
     """What the generic loop and the evaluator need: networks, method, batches, previews."""
 
     recipe = NAME
 
     def __init__(self, cfg: DriftingConfig, mae_state: Optional[dict] = None):
-        self.cfg = cfg
+        super().__init__(cfg)
         self.mae_state = mae_state
-        self.class_names = image_data.class_names(cfg.data)
-        self.num_classes = len(self.class_names)
-        self.image_shape = (image_data.channels(cfg.data), cfg.data.resolution, cfg.data.resolution)
-        self.pixel_data = image_data.pixel_source(cfg.data)
-        self.store_meta = image_data.store_meta(cfg.data) if cfg.data.source == "latents" else None
-        pixel_res = self.store_meta["preprocessing"]["resolution"] if self.store_meta else cfg.data.resolution
-        self.preview_upscale = max(1, 64 // pixel_res)
 
     def build_net(self) -> torch.nn.Module:
         from raygen.nets.drift_dit import drift_dit
@@ -374,16 +363,6 @@ class DriftingTask:
         with torch.no_grad():
             x = net(noise.to(device), labels.to(device), omegas.to(device), style.to(device))
         return self.to_pixels(x)
-
-    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
-        if self.store_meta is None:
-            return x
-        from raygen.data.encoders import decode_latents
-
-        img = decode_latents(self.store_meta, x)
-        if self.pixel_data is not None and image_data.channels(self.pixel_data) == 1:
-            img = img.mean(1, keepdim=True)
-        return img
 
     def preview(self, net, generator: torch.Generator, per_class: int = 8) -> torch.Tensor:
         labels = torch.arange(self.num_classes).repeat(per_class)

@@ -9,21 +9,16 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
 
 from raygen.config import ConfigError
 from raygen.data import images as image_data
+from raygen.recipes.common import ImageTask, RunSection
 from raygen.train.loop import DebugConfig, LogConfig, OptimConfig, TrainConfig
 
 NAME = "latent_mae"
 MAE_FILE = "mae.pt"
-
-
-@dataclass
-class RunSection:
-    name: Optional[str] = None  # a named run resumes when started again with the same name
 
 
 @dataclass
@@ -70,16 +65,11 @@ class MAEObjective:
         return net(batch["image"], generator)
 
 
-class MAETask:
+class MAETask(ImageTask):
     recipe = NAME
 
     def __init__(self, cfg: LatentMAEConfig):
-        self.cfg = cfg
-        self.num_classes = len(image_data.class_names(cfg.data))
-        self.image_shape = (image_data.channels(cfg.data), cfg.data.resolution, cfg.data.resolution)
-        self.store_meta = image_data.store_meta(cfg.data) if cfg.data.source == "latents" else None
-        pixel_res = self.store_meta["preprocessing"]["resolution"] if self.store_meta else cfg.data.resolution
-        self.preview_upscale = max(1, 64 // pixel_res)
+        super().__init__(cfg)
         self._preview_batch = None
 
     def model_args(self) -> dict:
@@ -95,14 +85,9 @@ class MAETask:
 
     def preview(self, net, generator: torch.Generator) -> torch.Tensor:
         """Rows of (original, masked input, reconstruction) for one example of each class."""
-        from raygen.data.encoders import decode_latents
-
         x = self._examples().to(generator.device)
         masked, recon = net.reconstruct(x, generator)
-        grid = torch.cat([x, masked, recon])
-        if self.store_meta is not None:
-            grid = decode_latents(self.store_meta, grid)
-        return grid
+        return self.to_pixels(torch.cat([x, masked, recon]))
 
     def _examples(self) -> torch.Tensor:
         if self._preview_batch is None:
