@@ -92,6 +92,45 @@ def test_batch_stream_is_class_balanced_deterministic_resumable_and_split_over_w
     assert torch.equal(torch.cat([w0["label"], w1["label"]]), one[0][1]["label"])
 
 
+def test_queue_sampler_is_the_release_memory_bank_and_resumes_exactly():
+    """batch.sampler=queue: each step pushes random items; a class's queue is the last class_queue pushed
+    items of that class, the global queue the last global_queue; the step's classes are the labels of its
+    pushed batch, positives come from their queues, negatives from the global queue."""
+    from raygen.recipes.drifting import ClassIndexedData, MemoryBank
+
+    cfg = config("batch.sampler=queue", "batch.nc=6", "batch.push_per_step=8", "batch.class_queue=5",
+                 "batch.global_queue=20", "batch.pos=4", "batch.uncond=3")
+    data = ClassIndexedData(cfg.data)
+    bank = MemoryBank(data.labels, 10, 8, 5, 20, cfg.train.seed).at(6)
+    history = np.concatenate([bank.pushed(s) for s in range(-3, 7)])  # pre-fill ceil(20/8) = 3 pushes
+    for c in range(10):
+        assert list(bank.per_class[c]) == [i for i in history if data.labels[i] == c][-5:]
+    assert list(bank.everything) == list(history[-20:])
+    fresh = MemoryBank(data.labels, 10, 8, 5, 20, cfg.train.seed).at(3).at(6)
+    assert [list(q) for q in fresh.per_class] == [list(q) for q in bank.per_class]
+
+    task = DriftingTask(cfg)
+    stream = task.batch_stream(DataPosition(0, 6), 0, 1, "cpu")
+    pos, batch = next(stream)
+    assert pos.batch == 7
+    np.testing.assert_array_equal(batch["label"].numpy(), data.labels[bank.at(6).last[:6]])
+    flat = torch.from_numpy(data.images.reshape(len(data.labels), -1))
+
+    def index_of(img):
+        return set((flat == img.reshape(1, -1)).all(1).nonzero().flatten().tolist())
+
+    for c, imgs in zip(batch["label"].tolist(), batch["pos"]):
+        queue = set(bank.per_class[c])
+        assert all(index_of(img) & queue for img in imgs)
+    everything = set(bank.everything)
+    assert all(index_of(img) & everything for img in batch["uncond"].flatten(0, 1))
+    # resumed at step 6 or run from 0: the same batch
+    run = task.batch_stream(DataPosition(), 0, 1, "cpu")
+    seventh = [next(run) for _ in range(7)][-1][1]
+    for k in batch:
+        torch.testing.assert_close(batch[k], seventh[k])
+
+
 def tiny_mae_state(cfg):
     from raygen.recipes.latent_mae import LatentMAEConfig, MAETask
 
@@ -178,6 +217,8 @@ def test_smoke_chain_end_to_end_with_a_worker_failure(tmp_path):
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [4, 8, 12], "resumed at step 6 without losing or repeating a log"
     assert all(np.isfinite(r["loss"]) for r in records)
+    for r in records:  # the method's own diagnostics: drift norms per temperature, the omega drawn
+        assert all(r[f"drift_theta_{R}"] > 0 for R in ("0.02", "0.05", "0.2")) and 1.0 <= r["omega_mean"] <= 4.0
     for png in ("eval/omega_sweep.png", "eval/samples_omega1.png", "eval/samples_omega2.png", "plots/training.png",
                 "samples/step_0000012.png", "mae/plots/training.png", "mae/samples/step_0000020.png"):
         Image.open(run_dir / png).verify()

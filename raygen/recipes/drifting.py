@@ -10,6 +10,7 @@ Pixel space for the embedded digits; `stage.latents=<store>` trains in SD-VAE la
 """
 from __future__ import annotations
 
+import math
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -74,9 +75,16 @@ class BatchConfig:
 
     nc: int = 64  # classes per step, counted over all workers
     gen: int = 64  # G
-    pos: int = 64  # P, drawn from the class
-    uncond: int = 16  # U, drawn from the whole data set
-    distinct_classes: bool = True  # the nc classes of a step are distinct (when nc <= number of classes)
+    pos: int = 64  # P, drawn from the class (or its queue)
+    uncond: int = 16  # U, drawn from the whole data set (or the global queue)
+    # uniform: nc distinct classes, positives and negatives drawn from the whole (memory-mapped) data;
+    # queue: the release's memory bank (paper A.8): `push_per_step` random items pushed per step into
+    # per-class queues (`class_queue`) and a global one (`global_queue`), classes = labels of the pushed batch
+    sampler: Literal["uniform", "queue"] = "uniform"
+    push_per_step: int = 64
+    class_queue: int = 128
+    global_queue: int = 1000
+    distinct_classes: bool = True  # uniform: the nc classes of a step are distinct (when nc <= number of classes)
     omega_min: float = 1.0  # omega ~ p(omega) proportional to omega^-power on [omega_min, omega_max]
     omega_max: float = 4.0
     omega_power: float = 3.0
@@ -93,6 +101,11 @@ class BatchConfig:
             raise ConfigError(f"need 1 <= batch.omega_min <= batch.omega_max, got {self.omega_min}, {self.omega_max}")
         if not 0.0 <= self.no_cfg_frac <= 1.0:
             raise ConfigError(f"batch.no_cfg_frac must be in [0, 1], got {self.no_cfg_frac}")
+        if self.sampler == "queue" and self.push_per_step < self.nc:
+            raise ConfigError(f"batch.sampler=queue takes the step's classes from the pushed batch: batch.push_per_step="
+                              f"{self.push_per_step} must be >= batch.nc={self.nc}")
+        if min(self.push_per_step, self.class_queue, self.global_queue) < 1:
+            raise ConfigError("batch.push_per_step, batch.class_queue and batch.global_queue must be >= 1")
 
 
 @dataclass
@@ -168,7 +181,7 @@ class DriftingConfig:
                 f"batch.nc={self.batch.nc} classes per step is not divisible by train.num_workers x train.grad_accum "
                 f"= {t.num_workers * t.grad_accum}; every worker takes whole classes, so pick a multiple")
         num_classes = len(image_data.class_names(self.data))
-        if self.batch.distinct_classes and self.batch.nc > num_classes:
+        if self.batch.sampler == "uniform" and self.batch.distinct_classes and self.batch.nc > num_classes:
             raise ConfigError(f"batch.nc={self.batch.nc} distinct classes per step, but the data has {num_classes}; "
                               f"lower batch.nc or set batch.distinct_classes=false")
         t.batch_size = self.batch.nc * self.batch.gen  # generated samples per step (throughput metrics)
@@ -225,6 +238,47 @@ class ClassIndexedData:
             pool = self.by_class[int(c)]
             out[row] = rng.choice(pool, per_class, replace=len(pool) < per_class)
         return out
+
+
+class MemoryBank:
+    """The release's queues (paper A.8) as a function of the step: micro-step i pushes `push` random
+    items drawn from a generator seeded by (seed, i); class c's queue holds the last `class_size` pushed
+    items of class c, the global queue the last `global_size`. `at(i)` replays the pushes up to step i
+    (integers only), so a resumed run has exactly the queues it had. Before step 0 the bank is
+    pre-filled with ceil(global_size / push) pushes."""
+
+    def __init__(self, labels: np.ndarray, num_classes: int, push: int, class_size: int, global_size: int,
+                 seed: int):
+        from collections import deque
+
+        self.labels, self.push, self.seed = labels, push, seed
+        self.per_class = [deque(maxlen=class_size) for _ in range(num_classes)]
+        self.everything = deque(maxlen=global_size)
+        self.next = -math.ceil(global_size / push)  # the pre-fill: steps -ceil(global_size / push) .. -1
+        self.last = np.zeros(0, np.int64)
+
+    def pushed(self, step: int) -> np.ndarray:
+        # seed entropy must be non-negative: the pre-fill steps are negative
+        return np.random.default_rng([self.seed, 0x9E3779B9, step + (1 << 40)]).integers(0, len(self.labels), self.push)
+
+    def at(self, step: int) -> "MemoryBank":
+        """The bank after the push of micro-step `step`."""
+        while self.next <= step:
+            items = self.pushed(self.next)
+            for i in items:
+                self.per_class[self.labels[i]].append(i)
+            self.everything.extend(items)
+            self.last, self.next = items, self.next + 1
+        return self
+
+    def positives(self, c: int, n: int, rng: np.random.Generator, fallback: np.ndarray) -> np.ndarray:
+        """n items of class c from its queue (with replacement when it holds fewer; from the whole
+        class while its queue is still empty)."""
+        pool = np.fromiter(self.per_class[c], np.int64) if self.per_class[c] else fallback
+        return rng.choice(pool, n, replace=len(pool) < n)
+
+    def negatives(self, shape, rng: np.random.Generator) -> np.ndarray:
+        return rng.choice(np.fromiter(self.everything, np.int64), shape)
 
 
 def _prefetch(iterator, depth: int = 2):
@@ -294,6 +348,22 @@ class Drifting:
             self._cache = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         return {k: v[idx] for k, v in self._cache.items()}
 
+    def log_metrics(self) -> dict:
+        """Diagnostics of the last step: per temperature the mean over keys of theta_R (the RMS of the
+        unnormalised drift, in sigma units: it shrinks as generated and real features match), and the
+        mean omega drawn."""
+        from raygen.methods.drifting import stats_to_floats
+
+        if getattr(self, "last_stats", None) is None:
+            return {}
+        stats = stats_to_floats(self.last_stats)
+        out = {}
+        for R in self.cfg.drift.temperatures:
+            vals = [v for k, v in stats.items() if k.endswith(f"/theta_{R:g}")]
+            out[f"drift_theta_{R:g}"] = sum(vals) / max(1, len(vals))
+        out["omega_mean"] = float(self.last_omega)
+        return out
+
     def draw(self, n: int, generator: torch.Generator) -> torch.Tensor:
         b = self.cfg.batch
         return sample_omega(n, generator, lo=b.omega_min, hi=b.omega_max, power=b.omega_power,
@@ -306,6 +376,7 @@ class Drifting:
         labels = batch["label"]
         nc, g, p, u = len(labels), b.gen, b.pos, b.uncond
         omega = self.draw(nc, generator).to(labels.device)
+        self.last_omega = omega.mean().detach()  # read at log time only (no device sync per step)
         noise = torch.randn((nc * g, *self.sample_shape), generator=generator, device=generator.device)
         style = draw_style(nc * g, generator).to(labels.device)
         x = net(noise.to(labels.device), labels.repeat_interleave(g), omega.repeat_interleave(g), style)
@@ -379,16 +450,26 @@ class DriftingTask(ImageTask):
         per_micro = b.nc // tc.grad_accum  # global classes per micro-batch
         local = per_micro // world
 
+        bank = (MemoryBank(data.labels, data.num_classes, b.push_per_step, b.class_queue, b.global_queue, tc.seed)
+                if b.sampler == "queue" else None)
+
         def batches():
             i = position.batch
             while True:
-                rng = np.random.default_rng([tc.seed, i])
-                classes = rng.choice(data.num_classes, per_micro,
-                                     replace=not b.distinct_classes or per_micro > data.num_classes)
-                classes = classes[rank * local:(rank + 1) * local]
-                rng = np.random.default_rng([tc.seed, i, rank])
-                pos = data.sample(classes, b.pos, rng)
-                unc = rng.integers(0, len(data.labels), (len(classes), b.uncond))
+                if bank is not None:  # the release: classes of the pushed batch, positives from their queues
+                    bank.at(i)
+                    classes = data.labels[bank.last[:per_micro]][rank * local:(rank + 1) * local]
+                    rng = np.random.default_rng([tc.seed, i, rank])
+                    pos = np.stack([bank.positives(int(c), b.pos, rng, data.by_class[int(c)]) for c in classes])
+                    unc = bank.negatives((len(classes), b.uncond), rng)
+                else:
+                    rng = np.random.default_rng([tc.seed, i])
+                    classes = rng.choice(data.num_classes, per_micro,
+                                         replace=not b.distinct_classes or per_micro > data.num_classes)
+                    classes = classes[rank * local:(rank + 1) * local]
+                    rng = np.random.default_rng([tc.seed, i, rank])
+                    pos = data.sample(classes, b.pos, rng)
+                    unc = rng.integers(0, len(data.labels), (len(classes), b.uncond))
                 batch = {"label": torch.from_numpy(classes.astype(np.int64))}
                 if by_index:
                     batch.update(pos_idx=torch.from_numpy(pos), uncond_idx=torch.from_numpy(unc))
@@ -484,7 +565,8 @@ def run(cfg: DriftingConfig, run_dir) -> dict:
     print("stage 2: training the one-step generator", flush=True)
     task = DriftingTask(cfg, mae_state)
     result = fit(task, run_dir, {})
-    plot_metrics(run_dir)
+    plot_metrics(run_dir, keys=("loss", "lr", "grad_norm", "steps_per_s",
+                                *(f"drift_theta_{R:g}" for R in cfg.drift.temperatures)))
     if not cfg.eval.enabled:
         return {}
     print(f"stage 3: one-step generation and evaluation at omega = {cfg.eval.omegas}", flush=True)

@@ -269,6 +269,8 @@ def train_loop_per_worker(config: dict) -> None:
                 "nonfinite_total": counters.nonfinite_total,
                 "epoch": counters.data.epoch,
                 "ema_decay": ema.current_decay(step - 1),
+                # a method may add its own diagnostics of the last step (drifting: drift norms per temperature)
+                **(method.log_metrics() if hasattr(method, "log_metrics") else {}),
             }
             if rank == 0 and do_log:
                 logger.log(metrics)
