@@ -229,3 +229,18 @@ def test_smoke_chain_end_to_end_with_a_worker_failure(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "using the MAE already trained" in proc.stdout
     assert last_line_run_dir(proc.stdout) == run_dir
+
+
+def test_a_missing_or_mismatched_mae_checkpoint_names_the_key_and_the_fix(tmp_path):
+    from raygen.config import ConfigError
+    from raygen.recipes.drifting import check_mae
+    from raygen.recipes.latent_mae import load_mae
+
+    with pytest.raises(ConfigError, match=r"stage.mae_ckpt=.*no mae.pt there.*jobs/latent_mae.py"):
+        load_mae(tmp_path)
+    cfg = config()
+    state = tiny_mae_state(cfg)
+    check_mae(state, cfg)  # digits MAE for a digits generator: fine
+    state["model_args"] = {**state["model_args"], "in_channels": 4}
+    with pytest.raises(ConfigError, match=r"stage.mae_ckpt: the MAE takes 4x16.*train the MAE on the same data"):
+        check_mae(state, cfg)
