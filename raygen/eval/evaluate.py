@@ -45,10 +45,23 @@ class EvalConfig:
             )
 
 
+def extractor_kind(cfg: EvalConfig, data_cfg) -> str:
+    """digits | inception | none: what `eval.extractor` means for this data (None: nothing to score against)."""
+    if data_cfg is None:
+        return "none"
+    if cfg.extractor == "auto":
+        return "digits" if data_cfg.source == "digits" else ("inception" if cfg.inception_weights else "none")
+    return cfg.extractor
+
+
+def scored_metrics(cfg: EvalConfig, data_cfg) -> list[str]:
+    """The sample-quality metrics an evaluation reports for this data: FID, and class accuracy on digits."""
+    kind = extractor_kind(cfg, data_cfg)
+    return {"digits": ["fid", "class_accuracy"], "inception": ["fid"]}.get(kind, [])
+
+
 def build_extractor(cfg: EvalConfig, data_cfg):
-    kind = cfg.extractor
-    if kind == "auto":
-        kind = "digits" if data_cfg.source == "digits" else ("inception" if cfg.inception_weights else "none")
+    kind = extractor_kind(cfg, data_cfg)
     if kind == "digits":
         if data_cfg.source != "digits":
             raise ConfigError("eval.extractor=digits only applies to data.source=digits")
@@ -159,6 +172,8 @@ def evaluate(task, ema_state: dict, run_dir: Path, cpus: int = 0) -> dict:
             rows.append({"steps": steps, "cfg_scale": sampler["cfg_scale"], "num_samples": cfg.sweep_samples,
                          **ev.score(s_images, s_labels), "seconds": round(time.perf_counter() - t0, 2)})
         write_sweep(rows, out_dir / "ddim_sweep", x="steps", title=f"DDIM step sweep ({cfg.sweep_samples} samples)")
+        for r in rows:
+            metrics.update({f"{k}@steps={r['steps']}": r[k] for k in ("fid", "class_accuracy") if k in r})
     _write_json(out_dir / "metrics.json", metrics)
     return metrics
 

@@ -40,3 +40,16 @@ class ImageTask:
         if self.pixel_data is not None and image_data.channels(self.pixel_data) == 1:
             img = img.mean(1, keepdim=True)
         return img
+
+
+def run_evaluation(evaluate_fn, task, ema_state: dict, run_dir) -> dict:
+    """`evaluate_fn(task, ema_state, run_dir, cpus)` as a Ray task on the GPU (or `eval.cpus` CPUs, 0 =
+    every free CPU) after training released its workers. It is scheduled outside any placement group:
+    inside a sweep trial it would otherwise be captured by the trial's (which holds no CPU)."""
+    import ray
+
+    cfg = task.cfg
+    use_gpu = cfg.train.use_gpu if cfg.train.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    cpus = cfg.eval.cpus or max(1, int(ray.available_resources().get("CPU", 1)))
+    remote = ray.remote(num_cpus=cpus, num_gpus=1 if use_gpu else 0)(evaluate_fn)
+    return ray.get(remote.options(scheduling_strategy="DEFAULT").remote(task, ema_state, str(run_dir), cpus))

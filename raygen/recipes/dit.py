@@ -12,7 +12,7 @@ from raygen.data import images as image_data
 from raygen.eval.evaluate import EvalConfig
 from raygen.methods.ddpm import DDPM, DDPMConfig
 from raygen.nets.dit import DIT_SIZES, dit
-from raygen.recipes.common import ImageTask, RunSection
+from raygen.recipes.common import ImageTask, RunSection, run_evaluation
 from raygen.train.loop import DebugConfig, LogConfig, OptimConfig, TrainConfig
 
 NAME = "dit"
@@ -85,7 +85,6 @@ class DiTTask(ImageTask):
 
 def run(cfg: DiTConfig, run_dir) -> dict:
     """Train under Ray Train, then evaluate the EMA weights in a Ray task. Returns eval metrics."""
-    import ray
 
     from raygen.eval.evaluate import evaluate
     from raygen.train.loop import fit, plot_metrics, final_state
@@ -96,10 +95,36 @@ def run(cfg: DiTConfig, run_dir) -> dict:
     if not cfg.eval.enabled:
         return {}
     ema = final_state(result)["ema"]
-    use_gpu = (cfg.train.use_gpu if cfg.train.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0)
-    cpus = cfg.eval.cpus or max(1, int(ray.available_resources().get("CPU", 1)))
-    remote = ray.remote(num_cpus=cpus, num_gpus=1 if use_gpu else 0)(evaluate)
-    return ray.get(remote.remote(task, ema, str(run_dir), cpus))
+    return run_evaluation(evaluate, task, ema, run_dir)
+
+
+def evaluate_run(cfg: DiTConfig, run_dir, trained_run) -> dict:
+    """Evaluation only: the EMA weights of `trained_run`'s newest checkpoint, sampled and scored with
+    this config's sampler settings (eval.steps, eval.cfg_scale, method.*), written to <run_dir>/eval."""
+
+    from raygen.eval.evaluate import evaluate
+    from raygen.train.loop import latest_state
+
+    task = DiTTask(cfg)
+    ema = latest_state(trained_run)["ema"]
+    return run_evaluation(evaluate, task, ema, run_dir)
+
+
+def reported_metrics(cfg: DiTConfig, eval_only: bool = False, during_training: bool = False) -> list[str]:
+    """What a run reports to a sweep: the loop's metrics while training, the evaluation's at the end."""
+    from raygen.eval.evaluate import scored_metrics
+    from raygen.train.loop import LOOP_METRICS
+
+    train = [] if eval_only else list(LOOP_METRICS)
+    if during_training or not cfg.eval.enabled:
+        return train
+    scored = scored_metrics(cfg.eval, image_data.pixel_source(cfg.data))
+    evaluated = ["steps", "cfg_scale", "num_samples", "sample_seconds", *scored]
+    if scored and cfg.eval.untrained_baseline:
+        evaluated += ["fid_untrained", "fid_untrained_over_fid"]
+    if cfg.method.sampler == "ddim":
+        evaluated += [f"{m}@steps={n}" for n in cfg.eval.sweep_steps for m in scored]
+    return train + evaluated
 
 
 def main(argv=None):

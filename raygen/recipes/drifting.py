@@ -23,7 +23,7 @@ import torch
 from raygen.config import ConfigError
 from raygen.data import images as image_data
 from raygen.methods.drifting import DriftConfig, check_feasible, drifting_loss, sample_omega
-from raygen.recipes.common import ImageTask, RunSection
+from raygen.recipes.common import ImageTask, RunSection, run_evaluation
 from raygen.recipes.latent_mae import MAEModelConfig
 from raygen.train.loop import DebugConfig, LogConfig, OptimConfig, TrainConfig
 from raygen.train.state import DataPosition
@@ -528,6 +528,8 @@ def evaluate_omegas(task: DriftingTask, ema_state: dict, run_dir, cpus: int = 0)
             metrics["fid_untrained_over_fid"] = u["fid"] / max(best["fid"], 1e-12)
             if "class_accuracy" in u:
                 metrics["class_accuracy_untrained"] = u["class_accuracy"]
+    for r in rows:  # every omega's scores, for sweeps that compare trials at one omega
+        metrics.update({f"{k}@omega={r['omega']:g}": r[k] for k in ("fid", "class_accuracy") if k in r})
     _write_json(out / "metrics.json", metrics)
     return metrics
 
@@ -553,7 +555,6 @@ def mae_stage(cfg: DriftingConfig, run_dir: Path) -> Path:
 
 
 def run(cfg: DriftingConfig, run_dir) -> dict:
-    import ray
 
     from raygen.recipes.latent_mae import load_mae
     from raygen.train.loop import final_state, fit, plot_metrics
@@ -571,10 +572,31 @@ def run(cfg: DriftingConfig, run_dir) -> dict:
         return {}
     print(f"stage 3: one-step generation and evaluation at omega = {cfg.eval.omegas}", flush=True)
     ema = final_state(result)["ema"]
-    use_gpu = (cfg.train.use_gpu if cfg.train.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0)
-    cpus = cfg.eval.cpus or max(1, int(ray.available_resources().get("CPU", 1)))
-    remote = ray.remote(num_cpus=cpus, num_gpus=1 if use_gpu else 0)(evaluate_omegas)
-    return ray.get(remote.remote(task, ema, str(run_dir), cpus))
+    return run_evaluation(evaluate_omegas, task, ema, run_dir)
+
+
+def shared_stage(cfg: DriftingConfig, shared_dir: Path, swept_keys: list[str]) -> dict:
+    """A sweep that varies no MAE key trains its MAE once: every trial then measures the same feature space."""
+    if cfg.stage.mae_ckpt or any(k.startswith("mae.") for k in swept_keys):
+        return {}
+    return {"stage.mae_ckpt": str(mae_stage(cfg, Path(shared_dir)))}
+
+
+def reported_metrics(cfg: DriftingConfig, eval_only: bool = False, during_training: bool = False) -> list[str]:
+    """What a run reports to a sweep: the loop's metrics and the drift diagnostics while training, and
+    the evaluation's at the end (when there is a FID extractor)."""
+    from raygen.eval.evaluate import scored_metrics
+    from raygen.train.loop import LOOP_METRICS
+
+    train = [*LOOP_METRICS, *(f"drift_theta_{R:g}" for R in cfg.drift.temperatures), "omega_mean"]
+    if during_training or not cfg.eval.enabled:
+        return train
+    scored = scored_metrics(cfg.eval, image_data.pixel_source(cfg.data))
+    evaluated = ["best_omega", "nfe", "num_samples", *scored,
+                 *(f"{m}@omega={w:g}" for w in cfg.eval.omegas for m in scored)]
+    if scored and cfg.eval.untrained_baseline:
+        evaluated += ["fid_untrained", "fid_untrained_over_fid"]
+    return train + evaluated
 
 
 def check_mae(mae_state: dict, cfg: DriftingConfig) -> None:

@@ -149,6 +149,13 @@ def run(cfg: LatentMAEConfig, run_dir) -> dict:
     return {"mae": str(path), "final_loss": last.get("loss")}
 
 
+def reported_metrics(cfg: LatentMAEConfig, eval_only: bool = False, during_training: bool = False) -> list[str]:
+    """What a run reports to a sweep: the loop's metrics (its loss is the masked reconstruction MSE)."""
+    from raygen.train.loop import LOOP_METRICS
+
+    return [*LOOP_METRICS, *(() if during_training else ("final_loss",))]
+
+
 def main(argv=None):
     """The `jobs/latent_mae.py` entry point; returns the run directory."""
     from raygen.cli import guarded, init_ray, report, setup_job

@@ -36,6 +36,11 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+# what every `ray.train.report` of the loop carries (methods may add theirs through `log_metrics()`)
+LOOP_METRICS = ("step", "loss", "lr", "grad_norm", "steps_per_s", "samples_per_s", "nonfinite_total", "epoch",
+                "ema_decay")
+
+
 @dataclass
 class OptimConfig:
     lr: float = 1e-3
@@ -55,6 +60,7 @@ class TrainConfig:
     num_workers: int = 1
     use_gpu: Optional[bool] = None  # None: use GPUs when the cluster has them
     cpus_per_worker: int = 1
+    gpus_per_worker: float = 1.0  # with use_gpu; fractions let runs (e.g. sweep trials) share a GPU
     torch_threads: int = 0  # 0: the node's cores divided by the workers on it
     amp: Literal["auto", "bf16", "off"] = "auto"  # auto = bf16 on GPU, off on CPU
     compile: bool = False
@@ -347,6 +353,8 @@ def fit(task, run_dir: Path, datasets: dict):
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from raygen.tune import trial as tune_trial
+
     tc: TrainConfig = task.cfg.train
     use_gpu = tc.use_gpu if tc.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     if not use_gpu:
@@ -360,13 +368,16 @@ def fit(task, run_dir: Path, datasets: dict):
         train_loop_per_worker,
         train_loop_config={"task": task, "run_dir": str(run_dir)},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=tc.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": tc.cpus_per_worker}
+            num_workers=tc.num_workers, use_gpu=use_gpu,
+            resources_per_worker={"CPU": tc.cpus_per_worker, **({"GPU": tc.gpus_per_worker} if use_gpu else {})},
         ),
         run_config=ray.train.RunConfig(
             name="checkpoints",
             storage_path=str(run_dir),
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+            # inside a sweep trial, the trial's own run forwards its reports to Tune (ASHA, Tune's loggers)
+            callbacks=tune_trial.report_callbacks(run_dir),
         ),
         datasets=datasets,
     )
@@ -381,6 +392,15 @@ def final_state(result) -> dict:
         raise RuntimeError("training finished without a checkpoint; check train.ckpt_every")
     with result.checkpoint.as_directory() as d:
         return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def latest_state(run_dir) -> dict:
+    """The state dict of the newest checkpoint of the run in `run_dir` (for evaluating a finished run)."""
+    ckpts = sorted((Path(run_dir) / "checkpoints").glob(f"checkpoint_*/{STATE_FILE}"))
+    if not ckpts:
+        raise ConfigError(f"no checkpoint with {STATE_FILE} under {Path(run_dir) / 'checkpoints'}; give the directory "
+                          "of a run that saved one")
+    return torch.load(ckpts[-1], map_location="cpu", weights_only=False)
 
 
 def plot_metrics(run_dir: Path, keys=("loss", "lr", "grad_norm", "steps_per_s")) -> Path | None:

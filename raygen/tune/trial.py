@@ -1,0 +1,92 @@
+"""One sweep trial: a full raygen run of the recipe (checkpoints, samples, evaluation) in
+<sweep>/trials/<name>, started by a Tune trial. A trial started again (a resumed sweep) runs the same
+recipe on the same run directory, so Ray Train continues from that run's last checkpoint; a trial
+whose run already finished reports its recorded result without running again.
+
+trial.json in the run directory is the trial's status for the report: running, finished, error or
+stopped (by the scheduler), with the wall time summed over attempts and the final metrics.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from raygen.atomic import write_text
+
+STATUS_FILE = "trial.json"
+_current_run_dir: Path | None = None  # set while this process runs a trial: its own Train runs report to Tune
+
+
+def report_callbacks(run_dir) -> list:
+    """Train callbacks for `fit(run_dir)`: forward reports to Tune when this is the trial's own run
+    (not, e.g., an MAE stage trained inside it, whose steps would mix with the trial's)."""
+    if _current_run_dir is None or Path(run_dir).resolve() != _current_run_dir:
+        return []
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    return [TuneReportCallback()]
+
+
+def read_status(run_dir: Path) -> dict:
+    try:
+        return json.loads((Path(run_dir) / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def write_status(run_dir: Path, **fields) -> dict:
+    status = {**read_status(run_dir), **fields, "updated": time.time()}
+    write_text(Path(run_dir) / STATUS_FILE, json.dumps(status, indent=2) + "\n")
+    return status
+
+
+def scalar_metrics(metrics: dict) -> dict:
+    """The numbers of a result (Tune's loggers and the report take scalars)."""
+    return {k: v for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def make_trainable(sweep_dir: Path, recipe: str, eval_from: str | None):
+    """Tune's function trainable for a sweep; its config is {"trial": {"name", "params"}}. (A module-level
+    function bound with `tune.with_parameters`: a closure would be pickled with a copy of this module's
+    globals, and `_current_run_dir` would not reach `fit`.)"""
+    from ray import tune
+
+    return tune.with_parameters(run_trial, sweep_dir=str(sweep_dir), recipe=recipe, eval_from=eval_from)
+
+
+def run_trial(config: dict, sweep_dir: str, recipe: str, eval_from: str | None) -> None:
+    global _current_run_dir
+    from ray import tune
+
+    from raygen.config import load_config
+    from raygen.train.logging import read_metrics
+    from raygen.tune.sweep import config_class, recipe_module
+
+    run_dir = Path(sweep_dir) / "trials" / config["trial"]["name"]
+    status = read_status(run_dir)
+    if status.get("status") == "finished":  # finished before the driver recorded it: keep it
+        tune.report({**status.get("metrics", {}), "eval_done": 1})
+        return
+    cfg, _ = load_config(config_class(recipe), preset=None, preset_dir=Path("/nonexistent"),
+                         config_file=str(run_dir / "config.yaml"))
+    started = time.time()
+    prior = float(status.get("wall_s", 0.0))
+    write_status(run_dir, status="running", started=started, wall_s=prior,
+                 attempts=int(status.get("attempts", 0)) + 1, params=config["trial"]["params"])
+    _current_run_dir = run_dir.resolve()
+    module = recipe_module(recipe)
+    try:
+        metrics = module.evaluate_run(cfg, run_dir, eval_from) if eval_from else module.run(cfg, run_dir)
+    except BaseException as e:
+        write_status(run_dir, status="error", error=f"{type(e).__name__}: {e}".splitlines()[0][:500],
+                     wall_s=prior + time.time() - started)
+        raise
+    finally:
+        _current_run_dir = None
+    records = read_metrics(run_dir)
+    final = {**scalar_metrics(records[-1] if records else {}), **scalar_metrics(metrics or {})}
+    write_status(run_dir, status="finished", wall_s=prior + time.time() - started, metrics=final)
+    tune.report({**final, "eval_done": 1})
