@@ -6,6 +6,7 @@ network; `wandb sync <run_dir>/wandb/offline-run-*` uploads it later.
 from __future__ import annotations
 
 import json
+import time
 import os
 from pathlib import Path
 
@@ -57,11 +58,13 @@ class MetricsLogger:
                 os.environ["WANDB_MODE"] = "offline"
             self.wandb_run = wb.init(
                 project=wandb_project, name=run_name, group=group, config=config, dir=str(self.run_dir),
-                id=run_name.replace("/", "-"), resume="allow", settings=wb.Settings(console="off", silent=True, x_disable_stats=not system_stats),
+                # a sweep's trial names repeat across sweeps: the group (the sweep) keeps their ids apart
+                id=(f"{group}-{run_name}" if group else run_name).replace("/", "-")[:128], resume="allow", settings=wb.Settings(console="off", silent=True, x_disable_stats=not system_stats),
             )
 
     def log(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
+        # wall-clock time in the file only: it dates each record (resumes, reports), not a curve to plot
+        self.file.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
         step = record["step"]
         if self.tb is not None:
             for k, v in record.items():

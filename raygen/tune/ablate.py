@@ -175,16 +175,18 @@ def main(argv=None) -> Path:
             spec.max_concurrent_trials = args.max_concurrent_trials
         if args.from_run:
             spec.eval_only = sw.EvalOnly(from_run=args.from_run)
+        trials = sw.plan(spec)  # everything is checked before the first trial (or shared stage) starts
+        sw.check_metrics(spec, trials)
     except ConfigError as e:
         fail(str(e))
     init_ray()
     import ray
 
-    try:  # everything is checked before the first trial (or shared stage) starts
-        sw.resolve_resources(spec, ray.cluster_resources())
-        trials = sw.plan(spec)
-        sw.check_metrics(spec, trials)
+    try:
+        sw.resolve_resources(spec, ray.cluster_resources())  # gpus_per_worker unset: the cluster's GPUs if any
         concurrent = sw.check_resources(spec, ray.cluster_resources())
+        if spec.resources.gpus_per_worker:
+            trials = sw.plan(spec)  # the trials' configs now train on GPUs
     except ConfigError as e:
         fail(str(e))
     print_plan(spec, trials, concurrent)
@@ -203,6 +205,7 @@ def main(argv=None) -> Path:
     finally:  # also after a Ctrl-C: the report shows where the sweep stands
         out = write_report(sweep_dir)
         print(f"report: {out}", flush=True)
+    ray.shutdown()  # flushes the workers' forwarded output, so the line below stays the last one
     print(f"tensorboard --logdir {sweep_dir / 'tune'}   # HParams tab: every trial's parameters and final metrics")
     print(f"sweep_dir: {sweep_dir}", flush=True)
     return sweep_dir

@@ -143,11 +143,17 @@ def table_rows(data: dict) -> tuple[list[str], list[dict]]:
     return cols, rows
 
 
+RANKED = ("fid", "class_accuracy", "final_loss")  # columns where one value is better (not e.g. best_omega)
+
+
 def best_values(cols: list[str], rows: list[dict], headline: str, mode: str) -> dict:
+    """Per ranked column, the best value, when the trials differ in it."""
     best = {}
     for c in [*cols, "final_loss"]:
+        if c.split("@", 1)[0] not in (*RANKED, headline.split("@", 1)[0]):
+            continue
         vals = [r[c] for r in rows if isinstance(r.get(c), (int, float)) and math.isfinite(r[c])]
-        if len(vals) >= 2:
+        if len(set(vals)) >= 2:
             best[c] = max(vals) if _higher_is_better(c, headline, mode) else min(vals)
     return best
 
@@ -245,7 +251,8 @@ def curve_charts(data: dict) -> list[tuple[str, str]]:
                     ax.plot(*zip(*pts), color=colors[n % len(colors)], label=t["name"], lw=1.3)
             ax.set_xlabel("step")
             ax.set_ylabel(key)
-            ax.set_yscale("symlog" if key == "loss" else "log")
+            positive = all(r[key] > 0 for t in trials for r in t["records"] if r.get(key) is not None)
+            ax.set_yscale("log" if positive else "symlog")
             ax.grid(alpha=0.3)
         axes[0][-1].legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
         charts.append(("Training curves", _svg(fig)))
@@ -322,6 +329,12 @@ document.querySelectorAll('#trials th').forEach((th, col) => th.addEventListener
   rows.sort((a, b) => { const x = key(a), y = key(b); return (x > y ? 1 : x < y ? -1 : 0) * dir; });
   rows.forEach(r => body.appendChild(r));
 }));
+// how many charts the browser laid out with a non-empty box (read by the report's browser test)
+window.addEventListener('load', () => {
+  const drawn = Array.from(document.querySelectorAll('.chart svg')).filter(s => {
+    const b = s.getBoundingClientRect(); return b.width > 50 && b.height > 50 && s.querySelectorAll('path').length > 0; });
+  document.body.dataset.chartsRendered = drawn.length;
+});
 """
 
 
