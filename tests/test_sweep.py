@@ -152,13 +152,9 @@ def test_report_of_a_sweep_on_disk(tmp_path):
 
 # ------------------------------------------------------------------------------------------------
 def _statuses(sweep_dir):
-    out = {}
-    for d in (sweep_dir / "trials").glob("*"):
-        try:
-            out[d.name] = json.loads((d / "trial.json").read_text())
-        except (OSError, ValueError):
-            pass
-    return out
+    from raygen.tune.trial import read_status
+
+    return {d.name: st for d in (sweep_dir / "trials").glob("*") if (st := read_status(d))}
 
 
 def _last_step(run_dir):
@@ -278,3 +274,55 @@ def _which(cmd):
     import shutil
 
     return shutil.which(cmd)
+
+
+@pytest.mark.slow
+def test_dit_sampler_smoke_evaluates_one_shared_network(tmp_path):
+    """Evaluation-only trials: the DiT is trained once (shared/train), each trial only samples it with
+    its own sampler settings, and a trial's FID is what evaluating that checkpoint directly gives."""
+    from raygen.config import load_config
+    from raygen.eval.evaluate import evaluate
+    from raygen.recipes.dit import DiTConfig, DiTTask
+    from raygen.train.loop import latest_state
+
+    proc = run_ablate("--sweep", "dit_sampler_smoke", runs_root=tmp_path / "runs")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sweep_dir = Path(proc.stdout.strip().splitlines()[-1].removeprefix("sweep_dir: "))
+    shared = sweep_dir / "shared" / "train"
+    assert json.loads((shared / "trial.json").read_text())["status"] == "finished"
+    assert [json.loads(x)["step"] for x in (shared / "metrics.jsonl").read_text().splitlines()][-1] == 30
+    trials = sorted((sweep_dir / "trials").iterdir())
+    assert len(trials) == 4
+    fids = {}
+    for d in trials:
+        m = json.loads((d / "eval" / "metrics.json").read_text())
+        params = json.loads((d / "trial.json").read_text())["params"]
+        assert (m["steps"], m["cfg_scale"]) == (params["eval.steps"], params["eval.cfg_scale"])
+        assert not (d / "checkpoints").exists(), "evaluation-only trials do not train"
+        fids[d.name] = m["fid"]
+    assert len(set(fids.values())) == 4, "each sampler setting gives its own samples"
+    cfg, _ = load_config(DiTConfig, preset=None, preset_dir=tmp_path, config_file=str(trials[-1] / "config.yaml"))
+    direct = evaluate(DiTTask(cfg), latest_state(shared)["ema"], tmp_path / "direct")
+    assert direct["fid"] == pytest.approx(fids[trials[-1].name], rel=1e-6)
+    rows = (sweep_dir / "report.csv").read_text().splitlines()
+    assert len(rows) == 5 and all(",finished," in r for r in rows[1:])
+
+
+@pytest.mark.slow
+def test_asha_stops_the_worse_trial_early(tmp_path):
+    """Trials one at a time: the first (a working learning rate) sets the rung at step 10, the second
+    (lr 1e-7: its loss stays where it started) is stopped there; the first still runs its evaluation."""
+    sweep = tmp_path / "asha.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "recipe": "dit", "preset": "smoke", "grid": {"optim.lr": [2.0e-3, 1.0e-7]}, "metric": "fid",
+        "overrides": {"log.wandb": False, "eval.sweep_steps": [], "eval.untrained_baseline": False,
+                      "train.log_every": 5},
+        "scheduler": {"type": "asha", "metric": "loss", "grace_period": 10, "reduction_factor": 2},
+        "max_concurrent_trials": 1}))
+    proc = run_ablate("--sweep", str(sweep), runs_root=tmp_path / "runs")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    st = _statuses(tmp_path / "runs" / "ablate" / "asha")
+    good, bad = st["t00_lr=0.002"], st["t01_lr=1e-07"]
+    assert good["status"] == "finished" and good["metrics"]["step"] == 30 and np.isfinite(good["metrics"]["fid"])
+    assert bad["status"] == "stopped" and bad["metrics"]["step"] == 10 and "fid" not in bad["metrics"]
+    assert bad["metrics"]["loss"] > good["metrics"]["loss"]

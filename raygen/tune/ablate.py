@@ -26,7 +26,7 @@ import yaml
 from raygen.atomic import write_text
 from raygen.config import ConfigError, dump_yaml
 from raygen.tune import sweep as sw
-from raygen.tune.trial import STATUS_FILE, make_trainable, read_status, write_status
+from raygen.tune.trial import STATUS_FILE, make_trainable, read_status, scalar_metrics, write_status
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -125,10 +125,12 @@ def _status_callback(sweep_dir: Path):
         def on_trial_complete(self, iteration, trials, trial, **info):
             run_dir = sweep_dir / "trials" / trial.config["trial"]["name"]
             st = read_status(run_dir)
-            if st.get("status") == "running":
-                write_status(run_dir, status="stopped", wall_s=float(st.get("wall_s", 0)) + time.time() - st["started"],
-                             metrics=(trial.last_result or {}) and {k: v for k, v in trial.last_result.items()
-                                                                   if isinstance(v, (int, float))})
+            # Tune ended it without an error and it did not finish: the scheduler stopped it (the trial
+            # function may have seen its Train run torn down and recorded that as an error first)
+            if st.get("status") in ("running", "error"):
+                wall = st.get("wall_s", 0) if st["status"] == "error" else st.get("wall_s", 0) + time.time() - st["started"]
+                write_status(run_dir, status="stopped", stopped_by="scheduler", error=None, wall_s=wall,
+                             metrics=scalar_metrics(trial.last_result or {}))
 
     return TrialStatus()
 
@@ -151,7 +153,8 @@ def run_sweep(spec: sw.SweepSpec, sweep_dir: Path, trials: list[sw.Trial], concu
             s = spec.scheduler
             scheduler = ASHAScheduler(time_attr="step", metric=s.metric, mode=s.mode, grace_period=s.grace_period,
                                       reduction_factor=s.reduction_factor,
-                                      max_t=max(t.cfg.train.steps for t in runnable))
+                                      # past the last step: ASHA stops a trial at max_t, before its evaluation
+                                      max_t=max(t.cfg.train.steps for t in runnable) + 1)
         tuner = tune.Tuner(
             trainable,
             param_space={"trial": tune.grid_search([{"name": t.name, "params": t.params} for t in runnable])},

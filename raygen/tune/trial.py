@@ -30,10 +30,15 @@ def report_callbacks(run_dir) -> list:
 
 
 def read_status(run_dir: Path) -> dict:
+    """trial.json. A trial the scheduler stopped reads as `stopped` even if its own process, torn down
+    at the same moment, recorded the interruption as an error after the driver marked it."""
     try:
-        return json.loads((Path(run_dir) / STATUS_FILE).read_text())
+        status = json.loads((Path(run_dir) / STATUS_FILE).read_text())
     except (OSError, ValueError):
         return {}
+    if status.get("stopped_by"):
+        status.update(status="stopped", error=None)
+    return status
 
 
 def write_status(run_dir: Path, **fields) -> dict:
@@ -74,7 +79,7 @@ def run_trial(config: dict, sweep_dir: str, recipe: str, eval_from: str | None) 
                          config_file=str(run_dir / "config.yaml"))
     started = time.time()
     prior = float(status.get("wall_s", 0.0))
-    write_status(run_dir, status="running", started=started, wall_s=prior,
+    write_status(run_dir, status="running", started=started, wall_s=prior, stopped_by=None,
                  attempts=int(status.get("attempts", 0)) + 1, params=config["trial"]["params"])
     _current_run_dir = run_dir.resolve()
     module = recipe_module(recipe)
