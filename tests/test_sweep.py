@@ -220,7 +220,7 @@ def test_drifting_coupling_smoke_killed_and_resumed_then_report_in_chromium(tmp_
     for name in st:  # every trial is a full raygen run: config, checkpoints, samples, evaluation
         d = sweep_dir / "trials" / name
         metrics = json.loads((d / "eval" / "metrics.json").read_text())
-        assert np.isfinite(metrics["fid"]) and f"fid@omega=1" in metrics and (d / "samples" / "step_0000012.png").is_file()
+        assert np.isfinite(metrics["fid"]) and "fid@omega=1" in metrics and (d / "samples" / "step_0000012.png").is_file()
         assert yaml.safe_load((d / "config.yaml").read_text())["stage"]["mae_ckpt"] == str(sweep_dir / "shared" / "mae")
     assert len(list((sweep_dir / "shared" / "mae").glob("mae.pt"))) == 1, "one MAE shared by every trial"
 
