@@ -227,6 +227,9 @@ def test_drifting_coupling_smoke_killed_and_resumed_then_report_in_chromium(tmp_
     # Tune's records: one directory per trial with TensorBoard events (the HParams view) and results
     tune_trials = [p for p in (sweep_dir / "tune").iterdir() if p.is_dir()]
     assert len(tune_trials) == 4 and all(list(p.glob("events.out.tfevents.*")) for p in tune_trials)
+    hparams = _tensorboard_hparams(sweep_dir / "tune" / victim)  # what TensorBoard's HParams tab shows
+    assert {k: v for k, v in hparams.items() if k.startswith("trial/params/")} == {
+        f"trial/params/{k}": v for k, v in st[victim]["params"].items()}
     progress = (sweep_dir / "tune" / victim / "progress.csv").read_text().splitlines()
     assert progress[0].startswith("step,loss") and len(progress) >= 3, "training reports reach Tune (for ASHA)"
 
@@ -268,6 +271,19 @@ def test_drifting_coupling_smoke_killed_and_resumed_then_report_in_chromium(tmp_
     subprocess.run([*flags, f"--screenshot={shot}", url], capture_output=True, timeout=120)
     img = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
     assert img.shape[0] >= 1000 and img.std() > 10, "the screenshot must show the page, not a blank"
+
+
+def _tensorboard_hparams(logdir) -> dict:
+    from tensorboard.backend.event_processing import event_accumulator as ea
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    acc = ea.EventAccumulator(str(logdir), size_guidance={ea.TENSORS: 0})
+    acc.Reload()
+    for content in acc.PluginTagToContent("hparams").values():
+        data = plugin_data_pb2.HParamsPluginData.FromString(content)
+        if data.HasField("session_start_info"):
+            return {k: v.string_value or v.number_value for k, v in data.session_start_info.hparams.items()}
+    return {}
 
 
 def _which(cmd):
