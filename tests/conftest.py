@@ -28,3 +28,10 @@ def ray_cluster():
     init_ray()  # the job's own data-context settings
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def job_env(ray_cluster):
+    """The environment for job subprocesses that need not start their own cluster: they connect to the
+    session's (0.05 s) instead of starting one (~8 s), as a job does under `ray job submit`."""
+    return {**os.environ, "WANDB_MODE": "offline", "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}

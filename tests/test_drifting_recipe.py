@@ -1,7 +1,6 @@
 """The drifting job as users meet it: config errors before anything runs, the class-balanced batch
 stream (deterministic, resumable, split over workers), and the whole chain end to end."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -193,10 +192,10 @@ def last_line_run_dir(output: str) -> Path:
 
 
 @pytest.mark.slow
-def test_smoke_chain_end_to_end_with_a_worker_failure(tmp_path):
+def test_smoke_chain_end_to_end_with_a_worker_failure(tmp_path, job_env):
     """MAE -> generator (a worker fails once at step 7 and the group resumes from the step-6
     checkpoint) -> omega sweep; every promised file exists with the right content."""
-    env = {**os.environ, "WANDB_MODE": "offline"}
+    env = job_env
     proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "drifting.py"), "--preset", "smoke", "--runs-root",
                            str(tmp_path), "debug.fail_at_step=7", "run.name=chain"],
                           capture_output=True, text=True, env=env, timeout=900)

@@ -300,7 +300,7 @@ def test_npy_volume_slices_keep_one_intensity_scale(ray_cluster, tiny_vae, tmp_p
 
 
 @pytest.mark.slow
-def test_dit_and_drifting_train_on_a_latent_store(ray_cluster, tiny_vae, tmp_path):
+def test_dit_and_drifting_train_on_a_latent_store(ray_cluster, tiny_vae, tmp_path, job_env):
     """`jobs/dit.py --preset latent_smoke` reads a store of the embedded digits through
     get_dataset_shard, samples latents and decodes them through the store's VAE; evaluation scores
     the decoded pixels against the digits the store was made from. `jobs/drifting.py --preset smoke
@@ -314,7 +314,7 @@ def test_dit_and_drifting_train_on_a_latent_store(ray_cluster, tiny_vae, tmp_pat
     proc = subprocess.run([sys.executable, str(root / "jobs" / "dit.py"), "--preset", "latent_smoke",
                            f"data.path={store}", "eval.num_samples=20", "eval.sweep_steps=[]",
                            "--runs-root", str(tmp_path)], capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "WANDB_MODE": "offline"})
+                          env=job_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = Path(proc.stdout.strip().splitlines()[-1].removeprefix("run_dir: "))
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -328,7 +328,7 @@ def test_dit_and_drifting_train_on_a_latent_store(ray_cluster, tiny_vae, tmp_pat
     # the drifting chain on the same store: MAE and generator in latent space, samples decoded for scoring
     proc = subprocess.run([sys.executable, str(root / "jobs" / "drifting.py"), "--preset", "smoke",
                            f"stage.latents={store}", "eval.num_samples=20", "--runs-root", str(tmp_path)],
-                          capture_output=True, text=True, timeout=900, env={**os.environ, "WANDB_MODE": "offline"})
+                          capture_output=True, text=True, timeout=900, env=job_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = Path(proc.stdout.strip().splitlines()[-1].removeprefix("run_dir: "))
     mae = torch.load(run_dir / "mae" / "mae.pt", weights_only=False)
