@@ -24,8 +24,8 @@ def last_line_run_dir(output: str) -> Path:
 
 
 @pytest.mark.slow
-def test_smoke_preset_end_to_end(tmp_path):
-    env = {**os.environ, "WANDB_MODE": "offline"}
+def test_smoke_preset_end_to_end(tmp_path, job_env):
+    env = job_env
     proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "dit.py"), "--preset", "smoke", "--runs-root",
                            str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
