@@ -101,6 +101,19 @@ def test_resources_the_cluster_cannot_give_and_excluded_combinations(tmp_path, j
     assert not (tmp_path / "runs").exists(), "a dry run writes nothing"
 
 
+def test_a_different_sweep_under_the_same_name_is_refused(tmp_path):
+    from raygen.config import ConfigError
+    from raygen.tune.ablate import prepare_sweep_dir
+
+    assert prepare_sweep_dir(sw.load_sweep("drifting_coupling_smoke"), tmp_path / "s") is False
+    again = sw.load_sweep("drifting_coupling_smoke")
+    again.max_concurrent_trials = 1
+    assert prepare_sweep_dir(again, tmp_path / "s") is True  # the same trials: a resume
+    other = sw.load_sweep("drifting_coupling_smoke", overrides=["train.steps=9"])
+    with pytest.raises(ConfigError, match=r"differs in: overrides.*--name"):
+        prepare_sweep_dir(other, tmp_path / "s")
+
+
 # ------------------------------------------------------------------------------------------------
 def _write_trial(sweep_dir, name, params, status, fid=None, losses=(), omega_fids=None):
     d = sweep_dir / "trials" / name

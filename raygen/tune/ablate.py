@@ -53,8 +53,11 @@ def prepare_sweep_dir(spec: sw.SweepSpec, sweep_dir: Path) -> bool:
     mine = sw.spec_dict(spec)
     if stored.is_file():
         theirs = yaml.safe_load(stored.read_text())
-        if theirs != mine:
-            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        # what defines the trials must match (the description may differ; a restored Tune experiment keeps
+        # its own max_concurrent_trials)
+        same = {"max_concurrent_trials", "description"}
+        diff = sorted(k for k in set(mine) | set(theirs) if k not in same and mine.get(k) != theirs.get(k))
+        if diff:
             raise ConfigError(f"{sweep_dir} holds a different sweep (differs in: {', '.join(diff)}); to resume it run "
                               f"its command again, to start this one pass --name <new name>")
         return True
