@@ -354,6 +354,7 @@ def test_dit_sampler_smoke_evaluates_one_shared_network(tmp_path, job_env):
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # ~60 s: outside the default run to keep the suite under 20 min on 2 cores
 def test_asha_stops_the_worse_trial_early(tmp_path, job_env):
     """Trials one at a time: the first (a working learning rate) sets the rung at step 10, the second
     (lr 1e-7: its loss stays where it started) is stopped there; the first runs to its last step (20)."""
