@@ -53,7 +53,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from raygen.atomic import write_text  # noqa: E402
+from raygen.core.files import write_text  # noqa: E402
 from raygen.data import embedded  # noqa: E402
 from raygen.data.encoders import EncoderConfig  # noqa: E402
 from raygen.data.ingest import IngestConfig, PipelineConfig, StoreConfig  # noqa: E402

@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from raygen.atomic import write_text  # noqa: E402
+from raygen.core.files import write_text  # noqa: E402
 from raygen.data.store import Store, write_meta, write_shard  # noqa: E402
 
 

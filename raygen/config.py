@@ -286,7 +286,7 @@ def to_dict(cfg: Any) -> Any:
 def dump_yaml(cfg: Any, path: str | os.PathLike) -> None:
     """Write ``cfg`` as YAML atomically, so a crash never leaves a half-written config
     next to a checkpoint (readers see either the old file or the new one)."""
-    from raygen.atomic import write_text
+    from raygen.core.files import write_text
 
     write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 

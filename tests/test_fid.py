@@ -24,7 +24,7 @@ from raygen.eval.fid import (
     load_stats,
     save_stats,
 )
-from raygen.eval.grid import save_grid, to_uint8
+from raygen.core.grid import save_grid, to_uint8
 
 # ---------------------------------------------------------------- Fréchet distance
 

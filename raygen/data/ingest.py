@@ -177,7 +177,7 @@ def run_ingest(cfg: IngestConfig, store_dir: Path, encoder_kind: Literal["vae", 
     """Encode every listed item not yet in a shard, then write meta.json and skipped.jsonl."""
     import ray.data
 
-    from raygen.train.loop import Progress
+    from raygen.core.progress import Progress
 
     store_dir = Path(store_dir)
     if encoder_kind == "vae" and cfg.transform.kind == "none":
@@ -245,7 +245,7 @@ def _encoder(cfg: IngestConfig, kind: str):
 def _check_resume(cfg: IngestConfig, store_dir: Path, listing: Listing) -> None:
     """A store directory belongs to one config and one listing; a different one must not mix in (and
     must not overwrite the store's config.yaml)."""
-    from raygen.atomic import atomic_write
+    from raygen.core.files import atomic_write
     from raygen.config import dump_yaml
 
     fp = fingerprint(cfg)

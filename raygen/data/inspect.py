@@ -65,7 +65,7 @@ def original_images(store, positions) -> torch.Tensor:
 
 def inspect(cfg: InspectConfig) -> Path:
     from raygen.data.store import Store
-    from raygen.eval.grid import save_grid
+    from raygen.core.grid import save_grid
 
     store = Store(find_store(cfg.run_or_store))
     if store.meta["kind"] != "latents":

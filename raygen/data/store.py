@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raygen.atomic import write_text
+from raygen.core.files import write_text
 
 SHARDS = "shards"
 META = "meta.json"

@@ -23,7 +23,7 @@ def resolve_model(name: str) -> str:
     """A hub id or local path unchanged; a `raygen/tiny-*` name -> its cached local directory."""
     if name not in TINY:
         return name
-    from raygen.eval.fid import cache_dir
+    from raygen.core.files import cache_dir
 
     path = cache_dir() / "models" / name.split("/")[1]
     if not (path / "config.json").is_file():

@@ -10,8 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from raygen.data.embedded import digits
-from raygen.eval.fid import FeatureExtractor, cache_dir
-from raygen.train.state import atomic_torch_save
+from raygen.core.files import cache_dir, save_torch
+from raygen.eval.fid import FeatureExtractor
 
 CLASSIFIER_VERSION = 1  # bump when the architecture or recipe changes: old caches are then ignored
 
@@ -75,7 +75,7 @@ class DigitsClassifier(FeatureExtractor):
             self.net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         else:
             self.net = _train(resolution)
-            atomic_torch_save(self.net.state_dict(), path)
+            save_torch(self.net.state_dict(), path)
         self.net.eval()
         self.dim = self.net.fc.out_features
 

@@ -17,7 +17,7 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 
-from raygen.atomic import write_text
+from raygen.core.files import write_text
 from raygen.config import ConfigError
 
 
@@ -117,7 +117,7 @@ class Evaluator:
 
 def evaluate(task, ema_state: dict, run_dir: Path, cpus: int = 0) -> dict:
     """Write eval/metrics.json, eval/samples.png, eval/ddim_sweep.{csv,json,png}; return the metrics."""
-    from raygen.eval.grid import save_grid
+    from raygen.core.grid import save_grid
 
     if cpus:
         torch.set_num_threads(cpus)

@@ -23,8 +23,8 @@ import scipy.linalg
 import torch
 from PIL import Image
 
-from raygen.atomic import atomic_write
-from raygen.eval.grid import to_uint8
+from raygen.core.files import atomic_write, cache_dir
+from raygen.core.grid import to_uint8
 
 INCEPTION_PT_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 INCEPTION_PKL_URL = (
@@ -107,11 +107,6 @@ def extract(extractor: FeatureExtractor, images: torch.Tensor, batch_size: int =
     with torch.no_grad():
         chunks = [np.asarray(extractor(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
     return np.concatenate(chunks) if chunks else np.empty((0, extractor.dim), np.float32)
-
-
-def cache_dir() -> Path:
-    """Where downloaded weights go: `$RAYGEN_CACHE`, else `~/.cache/raygen`."""
-    return Path(os.environ.get("RAYGEN_CACHE") or Path.home() / ".cache" / "raygen")
 
 
 def resolve_weights(weights: str | os.PathLike) -> Path:

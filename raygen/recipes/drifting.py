@@ -489,7 +489,7 @@ def evaluate_omegas(task: DriftingTask, ema_state: dict, run_dir, cpus: int = 0)
     import time
 
     from raygen.eval.evaluate import Evaluator, _write_json, write_sweep
-    from raygen.eval.grid import save_grid
+    from raygen.core.grid import save_grid
 
     if cpus:
         torch.set_num_threads(cpus)

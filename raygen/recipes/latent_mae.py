@@ -115,10 +115,10 @@ def first_per_class(data_cfg, num_classes: int):
 
 def export(task: MAETask, ema_state: dict, run_dir: Path) -> Path:
     """<run_dir>/mae.pt: what the drifting job loads (EMA weights + constructor arguments)."""
-    from raygen.train.state import atomic_torch_save
+    from raygen.core.files import save_torch
 
     path = Path(run_dir) / MAE_FILE
-    atomic_torch_save({"model_args": task.model_args(), "ema": ema_state,
+    save_torch({"model_args": task.model_args(), "ema": ema_state,
                        "data": asdict(task.cfg.data), "steps": task.cfg.train.steps}, path)
     return path
 

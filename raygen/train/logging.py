@@ -10,7 +10,7 @@ import time
 import os
 from pathlib import Path
 
-from raygen.atomic import write_text
+from raygen.core.files import write_text
 
 METRICS_FILE = "metrics.jsonl"
 

@@ -20,12 +20,13 @@ from typing import Literal, Optional
 import torch
 
 from raygen.config import ConfigError, to_dict
+from raygen.core.files import save_torch
+from raygen.core.progress import Progress
 from raygen.train.state import (
     EMA,
     STATE_FILE,
     Counters,
     DataPosition,
-    atomic_torch_save,
     lr_factor,
     rng_state,
     set_rng_state,
@@ -293,33 +294,10 @@ def train_loop_per_worker(config: dict) -> None:
         logger.close()
 
 
-class Progress:
-    """A tqdm bar printed as whole lines every `interval` seconds: Ray forwards worker output line by
-    line (and `ray job logs` keeps it), so carriage-return redraws would arrive as one endless line."""
-
-    def __init__(self, total: int, initial: int, desc: str, interval: float = 10.0, unit: str = "step"):
-        self.total, self.desc, self.interval, self.unit = total, desc, interval, unit
-        self.start_step, self.t0 = initial, time.perf_counter()
-        self.last = -float("inf")
-
-    def update(self, step: int, loss=float("nan"), force: bool = False) -> None:
-        now = time.perf_counter()
-        if not force and now - self.last < self.interval:
-            return
-        from tqdm import tqdm
-
-        self.last = now
-        loss = float(loss)
-        rate = (step - self.start_step) / max(now - self.t0, 1e-9)
-        line = tqdm.format_meter(step, self.total, now - self.t0, ncols=100, prefix=self.desc, unit=self.unit,
-                                 rate=rate or None, initial=self.start_step)
-        print(line + (f" loss {loss:.4f}" if loss == loss else ""), file=sys.stderr, flush=True)
-
-
 def _write_preview(task, ema, net, run_dir, step, logger):
     """A sample grid from the EMA weights, with its own fixed-seed generator so the same noise is
     used at every step (progress is visible) and the training random stream is untouched."""
-    from raygen.eval.grid import save_grid
+    from raygen.core.grid import save_grid
 
     device = next(net.parameters()).device
     ema_net = task.build_net().to(device)
@@ -336,12 +314,12 @@ def _report_with_checkpoint(metrics, net, ema, opt, counters, generator, rank):
 
     with tempfile.TemporaryDirectory() as d:
         if rank == 0:
-            atomic_torch_save(
+            save_torch(
                 {"model": _unwrap(net).state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                  "counters": asdict(counters)},
                 Path(d) / STATE_FILE,
             )
-        atomic_torch_save(rng_state(generator), Path(d) / f"rng_rank{rank}.pt")
+        save_torch(rng_state(generator), Path(d) / f"rng_rank{rank}.pt")
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 

@@ -16,14 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from raygen.atomic import atomic_write
 
 STATE_FILE = "state.pt"
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    with atomic_write(path) as f:
-        torch.save(obj, f)
 
 
 class EMA:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from raygen.atomic import write_text
+from raygen.core.files import write_text
 from raygen.config import ConfigError, dump_yaml
 from raygen.tune import sweep as sw
 from raygen.tune.trial import STATUS_FILE, make_trainable, read_status, scalar_metrics, write_status

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from raygen.atomic import write_text
+from raygen.core.files import write_text
 from raygen.train.logging import read_metrics
 from raygen.tune.trial import read_status
 

@@ -13,7 +13,7 @@ import math
 import time
 from pathlib import Path
 
-from raygen.atomic import write_text
+from raygen.core.files import write_text
 
 STATUS_FILE = "trial.json"
 _current_run_dir: Path | None = None  # set while this process runs a trial: its own Train runs report to Tune

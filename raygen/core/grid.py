@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from raygen.atomic import atomic_write
+from raygen.core.files import atomic_write
 
 PAD_VALUE = 255  # white separators stay visible between dark backgrounds (e.g. MNIST digits)
 

@@ -32,3 +32,22 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_write(path) as f:
         f.write(text.encode())
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    import json
+
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def save_torch(obj, path: str | os.PathLike) -> None:
+    """`torch.save` through `atomic_write`."""
+    import torch
+
+    with atomic_write(path) as f:
+        torch.save(obj, f)
+
+
+def cache_dir() -> Path:
+    """Where downloaded weights and derived caches go: `$RAYGEN_CACHE`, else `~/.cache/raygen`."""
+    return Path(os.environ.get("RAYGEN_CACHE") or Path.home() / ".cache" / "raygen")
