@@ -25,7 +25,7 @@ from raygen.cli import init_ray, preset_dir  # noqa: E402
 from raygen.config import load_config  # noqa: E402
 from raygen.data.images import arrays, to_model_input  # noqa: E402
 from raygen.recipes.dit import DiTConfig, DiTTask  # noqa: E402
-from raygen.train.loop import fit  # noqa: E402
+from raygen.train.driver import fit  # noqa: E402
 from raygen.train.logging import read_metrics  # noqa: E402
 from raygen.train.state import EMA, lr_factor  # noqa: E402
 
@@ -41,7 +41,7 @@ def plain_loop(task: DiTTask, steps: int, warmup: int, window: int) -> tuple[lis
     batch = to_model_input(dict(zip(("image", "label"), arrays(cfg.data, "train"))))
     x, y = torch.from_numpy(batch["image"]), torch.from_numpy(batch["label"])
     net, method = task.build_net(), task.build_method()
-    ema = EMA(net, cfg.train.ema_decay, cfg.train.ema_warmup)
+    ema = EMA(net, cfg.train)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                             weight_decay=cfg.optim.weight_decay)
     g = torch.Generator().manual_seed(0)
@@ -73,7 +73,7 @@ def raygen_loop(task: DiTTask, warmup_steps: int) -> tuple[list[float], float, f
     """Returns (steps/s of each logged window after `warmup_steps`, start-up s, total s)."""
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
-        fit(task, Path(d), task.datasets())
+        fit(task, Path(d))
         total = time.perf_counter() - t0
         records = read_metrics(Path(d))
     rates = [r["steps_per_s"] for r in records if r["step"] > warmup_steps]

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from raygen.recipes.latent_mae import main  # noqa: E402
+from raygen.cli import run_job  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    run_job("latent_mae")

@@ -1,9 +1,12 @@
-"""The job contract shared by every `jobs/<job>.py`:
+"""The job contract shared by every `jobs/<job>.py` and the `raygen` command:
 
     python jobs/<job>.py [--preset NAME | --config FILE.yaml] [dotted.key=value ...] [--runs-root DIR]
 
-Config errors and unwritable run directories stop the job before anything is written, with one
-line naming the key or path and the fix. The last line a job prints is `run_dir: <absolute path>`.
+The config is loaded (defaults <- preset <- file <- overrides, each section checking its own values),
+then resolved by the recipe (values derived from the data or other keys), and written to the run
+directory with every key marked given, resolved or default. Config errors and unwritable run
+directories stop the job before anything is written, with one line naming the key or path and the
+fix. The last line a job prints is `run_dir: <absolute path>`.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from raygen.config import ConfigError, all_keys, dump_yaml, load_config
+from raygen.config import ConfigError, all_keys, load_config, write_config
 
 
 def preset_dir(recipe: str) -> Path:
@@ -89,30 +92,41 @@ def fail(msg: str, code: int = 2):
     raise SystemExit(code)
 
 
-def setup_job(recipe: str, config_cls, argv=None):
-    """Parse, validate and create the run directory. Returns (cfg, run_dir, resumed)."""
-    args = parse_args(recipe, config_cls, argv)
+def load_resolved(recipe, *, preset=None, config_file=None, overrides=()):
+    """(resolved config, the config as given, the given keys as a dict) of a recipe."""
+    from raygen.recipes import resolved
+
+    given_cfg, given = load_config(recipe.config, preset=preset, preset_dir=preset_dir(recipe.name),
+                                   config_file=config_file, overrides=overrides)
+    return resolved(recipe, given_cfg), given_cfg, given
+
+
+def setup_job(recipe, argv=None):
+    """Parse, load, resolve and check the config, then create the run directory. Returns
+    (cfg, run_dir, resumed)."""
+    args = parse_args(recipe.name, recipe.config, argv)
     try:
-        cfg, _ = load_config(config_cls, preset=args.preset, preset_dir=preset_dir(recipe),
-                             config_file=args.config, overrides=args.overrides)
-        run_dir, resumed = resolve_run_dir(args.runs_root, recipe, cfg.run.name, args.preset or
+        cfg, given_cfg, given = load_resolved(recipe, preset=args.preset, config_file=args.config,
+                                              overrides=args.overrides)
+        run_dir, resumed = resolve_run_dir(args.runs_root, recipe.name, cfg.run.name, args.preset or
                                            (Path(args.config).stem if args.config else None))
         prepare_run_dir(run_dir)
     except ConfigError as e:
         fail(str(e))
     if resumed:
         print(f"resuming run {run_dir}", flush=True)
-    dump_yaml(cfg, run_dir / "config.yaml")
+    write_config(cfg, run_dir / "config.yaml", given, given_cfg)
     return cfg, run_dir, resumed
 
 
-def guarded(fn, cfg, run_dir: Path):
+def guarded(fn, *args):
     """Run a recipe; a failure becomes one clear line (plus Ray's detail above it) and exit code 1.
-    The run directory keeps its checkpoints: the same command resumes from the newest."""
+    The run directory keeps its checkpoints: the same command resumes from the latest."""
     import ray.train
 
+    run_dir = args[1] if len(args) > 1 else None
     try:
-        return fn(cfg, run_dir)
+        return fn(*args)
     except ConfigError as e:
         fail(str(e))
     except ray.train.TrainingFailedError as e:
@@ -122,32 +136,51 @@ def guarded(fn, cfg, run_dir: Path):
         lines = [ln for ln in str(cause).strip().splitlines() if ln.strip()]
         msg = lines[-1] if lines else type(cause).__name__
         fail(f"training failed: {msg}\n  run_dir: {run_dir}\n  to resume from its last checkpoint, run the same "
-             f"command with run.name={run_dir.name[16:]}", code=1)
+             f"command with run.name={Path(run_dir).name[16:]}", code=1)
+
+
+def run_job(name: str, argv=None) -> Path:
+    """A recipe's job (`jobs/<name>.py`): set up the run, start or join Ray, run, report; returns the run dir."""
+    from raygen import recipes
+
+    recipe = recipes.get(name)
+    cfg, run_dir, _ = setup_job(recipe, argv)
+    init_ray()
+    report(run_dir, guarded(recipe.run, cfg, run_dir))
+    return run_dir
+
+
+DATA_JOBS = {"encode_latents": "raygen.data.ingest:encode_latents", "encode_siglip": "raygen.data.ingest:encode_siglip",
+             "inspect_latents": "raygen.data.inspect:main", "ablate": "raygen.tune.ablate:main",
+             "report": "raygen.tune.report:main"}
 
 
 def main(argv=None) -> None:
-    """`raygen <job> [args...]`: run jobs/<job>.py's recipe from an installed package."""
+    """`raygen <job> [args...]`: a recipe's job (every registered recipe) or a data / sweep job."""
+    from raygen import recipes
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    jobs = {"drifting": "raygen.recipes.drifting:main", "latent_mae": "raygen.recipes.latent_mae:main",
-            "dit": "raygen.recipes.dit:main", "encode_latents": "raygen.data.ingest:encode_latents",
-            "encode_siglip": "raygen.data.ingest:encode_siglip", "inspect_latents": "raygen.data.inspect:main",
-            "ablate": "raygen.tune.ablate:main", "report": "raygen.tune.report:main"}
+    jobs = [*recipes.names(), *DATA_JOBS]
     if not argv or argv[0] not in jobs:
         fail(f"usage: raygen <{'|'.join(jobs)}> [--preset NAME | --config FILE] [key=value ...]")
-    import importlib
+    if argv[0] in DATA_JOBS:
+        import importlib
 
-    module, fn = jobs[argv[0]].split(":")
-    getattr(importlib.import_module(module), fn)(argv[1:])
-
+        module, fn = DATA_JOBS[argv[0]].split(":")
+        getattr(importlib.import_module(module), fn)(argv[1:])
+    else:
+        run_job(argv[0], argv[1:])
 
 
 def report(run_dir: Path, metrics: dict) -> None:
     """Tell the user where everything went; the last line is `run_dir: <path>`."""
     run_dir = Path(run_dir)
-    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}
+    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()
+             if not isinstance(v, (dict, list)) and "@" not in k}
     if shown:
         print("eval: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
-    for rel in ("config.yaml", "metrics.jsonl", "checkpoints", "samples", "plots", "eval", "tensorboard", "wandb"):
+    for rel in ("config.yaml", "metrics.jsonl", "net_ema.pt", "checkpoints", "samples", "plots", "eval",
+                "tensorboard", "wandb"):
         if (run_dir / rel).exists():
             print(f"  {rel:<14} {run_dir / rel}")
     print(f"run_dir: {run_dir}", flush=True)

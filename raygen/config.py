@@ -27,8 +27,14 @@ import yaml
 __all__ = [
     "ConfigError",
     "all_keys",
+    "closest_key",
+    "is_key",
     "deep_merge",
     "dump_yaml",
+    "flatten",
+    "nest",
+    "render_marked",
+    "write_config",
     "from_dict",
     "load_config",
     "parse_override",
@@ -91,7 +97,31 @@ def all_keys(cls: type, prefix: str = "") -> list[str]:
     return _paths(cls, prefix, sections=False)
 
 
-def _closest(key: str, candidates: list[str]) -> str | None:
+def is_key(cls: type, key: str) -> bool:
+    """Whether `key` names a leaf of `cls`, or an entry of a mapping-valued leaf (``eval.settings.steps``)."""
+    keys = set(all_keys(cls))
+    if key in keys:
+        return True
+    hints = dict(_leaf_types(cls))
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in hints and _is_mapping(hints[".".join(parts[:i])]) for i in range(1, len(parts)))
+
+
+def _leaf_types(cls: type, prefix: str = ""):
+    for f, tp in _fields(cls):
+        key = _join(prefix, f.name)
+        sub = _section_type(tp)
+        if sub is None:
+            yield key, tp
+        else:
+            yield from _leaf_types(sub, key)
+
+
+def _is_mapping(tp) -> bool:
+    return tp is dict or typing.get_origin(tp) is dict
+
+
+def closest_key(key: str, candidates: list[str]) -> str | None:
     """Best match for a mistyped dotted key across the whole tree.
 
     Scores on the last component (so ``lr`` put at top level still finds ``train.lr``);
@@ -161,6 +191,8 @@ def _coerce(tp: Any, value: Any, key: str, candidates: list[str]) -> Any:
     if tp in (list, tuple) or origin in (list, tuple):
         return _coerce_sequence(tp, origin or tp, args, value, key, candidates)
     if tp is dict or origin is dict:
+        if value is None:  # `key: null` empties a mapping (a merge cannot remove keys otherwise)
+            return {}
         if not isinstance(value, dict):
             raise _type_error(key, tp, value)
         value_tp = args[1] if args else Any
@@ -237,7 +269,7 @@ def _build(cls: type, data: Any, prefix: str, candidates: list[str]) -> Any:
     for name in data:
         if name not in names:
             key = _join(prefix, str(name))
-            match = _closest(key, candidates)
+            match = closest_key(key, candidates)
             hint = f"; did you mean '{match}'?" if match else ";"
             raise ConfigError(
                 f"unknown config key '{key}'{hint} valid keys under {where}: {', '.join(names)}"
@@ -326,6 +358,67 @@ def deep_merge(base: dict, update: dict) -> dict:
         else:
             out[k] = copy.deepcopy(v)
     return out
+
+
+def nest(flat: dict[str, Any]) -> dict:
+    """{'a.b': 1, 'a.c': 2} -> {'a': {'b': 1, 'c': 2}}."""
+    out: dict = {}
+    for key, value in flat.items():
+        for part in reversed(key.split(".")):
+            value = {part: value}
+        out = deep_merge(out, value)
+    return out
+
+
+def flatten(d: dict, prefix: str = "", leaves: set[str] | None = None) -> dict[str, Any]:
+    """{'a': {'b': 1}, 'c.d': 2} -> {'a.b': 1, 'c.d': 2}. A key in `leaves` is kept whole even when its
+    value is a mapping (a dict-valued config key such as ``eval.settings``)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and (leaves is None or key not in leaves):
+            out.update(flatten(v, key + ".", leaves))
+        else:
+            out[key] = v
+    return out
+
+
+def write_config(cfg: Any, path: str | os.PathLike, given: dict | None = None, as_given: Any = None) -> None:
+    """config.yaml of a run, atomically: the full config with each key marked (see `render_marked`)."""
+    from raygen.core.files import write_text
+
+    write_text(path, render_marked(cfg, given or {}, as_given if as_given is not None else cfg))
+
+
+def render_marked(cfg: Any, given: dict, as_given: Any) -> str:
+    """YAML of the full config `cfg`, every leaf marked: `# given` (set by a preset, file or override),
+    `# resolved (was X)` (derived by the recipe from the data or other keys), unmarked = default."""
+    leaves = set(all_keys(type(cfg)))
+    given_keys = set(flatten(given, leaves=leaves))
+    before = flatten(to_dict(as_given), leaves=leaves)
+    lines = ["# The config this run used. `# given`: set by the preset, --config file or the command line;",
+             "# `# resolved`: derived by raygen from the data or other keys (the value before in brackets);",
+             "# unmarked: the default."]
+
+    def scalar(v) -> str:
+        return yaml.safe_dump(v, default_flow_style=True, width=10**9).strip().removesuffix("...").strip()
+
+    def walk(d: dict, prefix: str, indent: int):
+        for k, v in d.items():
+            key = _join(prefix, k)
+            if isinstance(v, dict) and key not in leaves:
+                lines.append(" " * indent + f"{k}:")
+                walk(v, key, indent + 2)
+                continue
+            mark = ""
+            if key in before and before[key] != v:
+                mark = f"  # resolved (was {scalar(before[key])})"
+            elif key in given_keys or any(g.startswith(key + ".") for g in given_keys):
+                mark = "  # given"
+            lines.append(" " * indent + f"{k}: {scalar(v)}{mark}")
+
+    walk(to_dict(cfg), "", 0)
+    return "\n".join(lines) + "\n"
 
 
 def _read_yaml(path: pathlib.Path) -> dict:

@@ -19,7 +19,7 @@ def _inputs(net: DriftDiT, n: int, seed: int = 0):
     x = torch.randn(n, net.in_channels, net.input_size, net.input_size, generator=g)
     y = torch.randint(0, net.num_classes, (n,), generator=g)
     w = 1 + 3 * torch.rand(n, generator=g)
-    return x, y, w, net.draw_style(n, g)
+    return x, y, w, draw_style(n, g)
 
 
 @pytest.mark.parametrize("channels,size,patch", [(1, 16, 2), (4, 32, 2), (3, 32, 4), (3, 32, 16), (2, 8, 8)])
@@ -74,7 +74,7 @@ def test_draw_style_uses_only_the_given_generator():
     torch.manual_seed(123)
     state = torch.get_rng_state()
     a = draw_style(500, torch.Generator().manual_seed(7))
-    b = net.draw_style(500, torch.Generator().manual_seed(7))
+    b = draw_style(500, torch.Generator().manual_seed(7))
     c = draw_style(500, torch.Generator().manual_seed(8))
     x, y, w, s = _inputs(net, 4)
     net(x, y, w, s)  # the forward draws nothing either (spec B10: the seed called torch.randint in forward)
@@ -83,7 +83,7 @@ def test_draw_style_uses_only_the_given_generator():
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.min() >= 0 and a.max() < STYLE_VOCAB == 64
     assert len(a.unique()) == 64  # covers the whole range
-    assert net.draw_style(3, torch.Generator().manual_seed(0), device="meta").device.type == "meta"
+    assert draw_style(3, torch.Generator().manual_seed(0), device="meta").device.type == "meta"
 
 
 def test_each_style_position_has_its_own_table():

@@ -30,14 +30,24 @@ class ImageDataConfig:
                 raise ConfigError("data.source=image_folder needs data.path=<dir with one sub-folder per class>")
             if not Path(self.path).is_dir():
                 raise ConfigError(f"data.path={self.path!r} is not a directory; point it at a class-folder tree")
-        if self.source == "latents":
-            if not self.path or not (Path(self.path) / "meta.json").is_file():
-                raise ConfigError(f"data.source=latents needs data.path=<store directory with meta.json>, got "
-                                  f"{self.path!r}; make one with jobs/encode_latents.py")
-            meta = store_meta(self)
-            if meta["kind"] != "latents":
-                raise ConfigError(f"data.path={self.path!r} holds {meta['kind']} embeddings, not VAE latents")
-            self.resolution = meta["arrays"]["latent"]["shape"][-1]
+        if self.source == "latents" and not self.path:
+            raise ConfigError("data.source=latents needs data.path=<store directory>; make one with "
+                              "jobs/encode_latents.py")
+
+
+def resolve_data(cfg: ImageDataConfig) -> ImageDataConfig:
+    """`cfg` with the values its data decide (a store's resolution); `cfg` itself is not changed."""
+    import dataclasses
+
+    if cfg.source != "latents":
+        return cfg
+    if not (Path(cfg.path) / "meta.json").is_file():
+        raise ConfigError(f"data.path={cfg.path!r} is not a store (no meta.json there); make one with "
+                          "jobs/encode_latents.py")
+    meta = store_meta(cfg)
+    if meta["kind"] != "latents":
+        raise ConfigError(f"data.path={cfg.path!r} holds {meta['kind']} embeddings, not VAE latents")
+    return dataclasses.replace(cfg, resolution=meta["arrays"]["latent"]["shape"][-1])
 
 
 def store_meta(cfg: ImageDataConfig) -> dict:

@@ -153,6 +153,13 @@ class ShardedArray:
         return a.astype(dtype) if dtype is not None else a
 
 
+def class_index(labels: np.ndarray, num_classes: int) -> list[np.ndarray]:
+    """Positions of each class in `labels`, in order: one stable argsort, then the class boundaries."""
+    order = np.argsort(labels, kind="stable")
+    bounds = np.searchsorted(labels[order], np.arange(num_classes + 1))
+    return [order[bounds[k]:bounds[k + 1]] for k in range(num_classes)]
+
+
 class Store:
     """Open a finished store: `meta`, `labels`, `keys`, `array(name)`, `class_indices(c)`,
     `sample_class_balanced()`, `dataset()`. Positions 0..len-1 follow the listing order (skipped items are absent)."""
@@ -207,9 +214,7 @@ class Store:
     def class_indices(self, c: int) -> np.ndarray:
         """Store positions of class c (memory-mapped class-balanced sampling draws from these)."""
         if self._by_class is None:
-            order = np.argsort(self.labels, kind="stable")
-            bounds = np.searchsorted(self.labels[order], np.arange(len(self.class_names) + 1))
-            self._by_class = [order[bounds[k]:bounds[k + 1]] for k in range(len(self.class_names))]
+            self._by_class = class_index(self.labels, len(self.class_names))
         return self._by_class[c]
 
     def sample_class_balanced(self, classes, per_class: int, rng: np.random.Generator) -> np.ndarray:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from raygen.config import ConfigError
+from raygen.core.contracts import Method
 
 # A schedule "reaches noise" when alpha_bar_T <= this (dit-ddpm.md §2.3: T=100 with the linear
 # 1e-4..0.02 betas ends at alpha_bar_T = 0.364, so sampling starts far from anything trained on).
@@ -94,8 +95,10 @@ def ddim_timesteps(T: int, steps: int, spacing: str) -> list[int]:
     return [int(t) for t in ts[::-1]]
 
 
-class DDPM:
-    """epsilon-prediction diffusion. `loss(net, batch)` for training; `sample(net, noise, labels)`."""
+class DDPM(Method):
+    """epsilon-prediction diffusion. `loss(net, batch)` for training; `sample(net, noise, cond)`."""
+
+    sampler_settings = ("steps", "cfg_scale", "eta", "sampler", "spacing")
 
     def __init__(self, cfg: DDPMConfig, num_classes: int):
         self.cfg = cfg
@@ -173,24 +176,30 @@ class DDPM:
         var = beta * (1 - ab_prev) / (1 - ab)
         return mean + math.sqrt(var) * noise
 
+    def default_settings(self) -> dict:
+        c = self.cfg
+        return {"steps": c.sample_steps, "cfg_scale": c.cfg_scale}
+
     @torch.no_grad()
     def sample(
         self,
         net,
         noise: torch.Tensor,
-        labels: torch.Tensor,
+        cond: dict,
+        generator: torch.Generator | None = None,
         *,
         sampler: str | None = None,
         steps: int | None = None,
         eta: float | None = None,
         spacing: str | None = None,
         cfg_scale: float | None = None,
-        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Generate images in [-1, 1] from `noise` (x_T). Unset options come from the method config."""
+        """Generate images in [-1, 1] from `noise` (x_T) for `cond["label"]`. Unset options come from the
+        method config."""
         c = self.cfg
+        labels = cond["label"]
         sampler = sampler or c.sampler
-        steps = steps or c.sample_steps
+        steps = int(steps or c.sample_steps)
         eta = c.eta if eta is None else eta
         spacing = spacing or c.spacing
         cfg_scale = c.cfg_scale if cfg_scale is None else cfg_scale

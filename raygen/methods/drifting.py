@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 
 from raygen.config import ConfigError
+from raygen.core.contracts import Method
 
 # Bytes of fp32 scratch one chunk of problems may use with chunk_size=0 (spec §8: the [B, G, G+U+P]
 # matrices of the largest key are GBs when batched over all classes). On CPU smaller chunks stay in cache:
@@ -345,3 +346,114 @@ def stats_to_floats(stats: dict[str, torch.Tensor]) -> dict[str, float]:
     keys = list(stats)
     values = torch.stack([stats[k].float().reshape(()) for k in keys]).tolist() if keys else []
     return dict(zip(keys, values))
+
+
+# ---- the method object: generator + frozen feature network --------------------------------------------
+
+
+@dataclass
+class FeatureConfig:
+    """Which feature-network keys span the drift problems (docs/methods/drifting.md: 12 maps x 7 keys
+    plus the 2 input keys)."""
+
+    maps: Optional[list[str]] = None  # MAE maps (conv1, layer1..4, layer<k>_blk<j>); null = all
+    patch_sizes: list[int] = field(default_factory=lambda: [2, 4])
+    input_keys: bool = True  # x_norm and x_global: the raw sample itself (the "vanilla" drift)
+    # real samples' features are stop-grad and the MAE is frozen: for an in-memory data set, compute them
+    # once per worker and gather them by index (exact; skipped when they would exceed cache_max_mb)
+    cache_real: bool = True
+    cache_max_mb: int = 2048
+
+
+class Drifting(Method):
+    """The method (arXiv 2602.04770 Alg. 1): draw omega per class, generate G samples per class in one
+    network evaluation each, take the frozen feature network's features of generated (with grad) and
+    real (no grad) samples, and regress the generated ones onto their drifted targets (Eq. 26).
+
+    `batch` is the recipe's batch section (gen, pos, uncond, omega_min/max/power, no_cfg_frac); `mae` the
+    frozen feature network (None when only sampling); `real_images`, when given, are the in-memory
+    training images whose features are computed once and gathered by index."""
+
+    sampler_settings = ("omega",)
+
+    def __init__(self, drift: DriftConfig, features: FeatureConfig, batch, mae: Optional[torch.nn.Module],
+                 sample_shape: tuple, real_images=None):
+        self.drift_cfg, self.feature_cfg, self.batch = drift, features, batch
+        self._mae, self.sample_shape = mae, tuple(sample_shape)
+        self._real_images, self._cache = real_images, None
+        self.last_stats, self.last_omega = None, None
+
+    def default_settings(self) -> dict:
+        return {"omega": 1.0}
+
+    def mae(self, device):
+        if self._mae is None:
+            raise RuntimeError("this Drifting method was built without its feature network (sampling only)")
+        if next(self._mae.parameters()).device != torch.device(device):
+            self._mae = self._mae.requires_grad_(False).eval().to(device)
+        return self._mae
+
+    def features(self, x: torch.Tensor) -> dict:
+        f = self.feature_cfg
+        return self.mae(x.device).features(x, layers=f.maps, patch_sizes=tuple(f.patch_sizes),
+                                           include_input=f.input_keys)
+
+    def real_features(self, batch: dict) -> dict:
+        """Features of the positives and negatives, [nc*P + nc*U] rows: from the cache, or computed."""
+        if "pos_idx" not in batch:
+            with torch.no_grad():
+                return self.features(torch.cat([batch["pos"].flatten(0, 1), batch["uncond"].flatten(0, 1)]))
+        idx = torch.cat([batch["pos_idx"].flatten(), batch["uncond_idx"].flatten()])
+        if self._cache is None:
+            device = idx.device
+            with torch.no_grad():
+                parts = [self.features(torch.from_numpy(self._real_images[i:i + 256]).to(device))
+                         for i in range(0, len(self._real_images), 256)]
+            self._cache = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        return {k: v[idx] for k, v in self._cache.items()}
+
+    def log_metrics(self) -> dict:
+        """Diagnostics of the last step: per temperature the mean over keys of theta_R (the RMS of the
+        unnormalised drift, in sigma units: it shrinks as generated and real features match), and the
+        mean omega drawn."""
+        if self.last_stats is None:
+            return {}
+        stats = stats_to_floats(self.last_stats)
+        out = {}
+        for R in self.drift_cfg.temperatures:
+            vals = [v for k, v in stats.items() if k.endswith(f"/theta_{R:g}")]
+            out[f"drift_theta_{R:g}"] = sum(vals) / max(1, len(vals))
+        out["omega_mean"] = float(self.last_omega)
+        return out
+
+    def draw_omega(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        b = self.batch
+        return sample_omega(n, generator, lo=b.omega_min, hi=b.omega_max, power=b.omega_power,
+                            no_cfg_frac=b.no_cfg_frac)
+
+    def loss(self, net, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        from raygen.nets.drift_dit import draw_style
+
+        b = self.batch
+        labels = batch["label"]
+        nc, g, p, u = len(labels), b.gen, b.pos, b.uncond
+        omega = self.draw_omega(nc, generator).to(labels.device)
+        self.last_omega = omega.mean().detach()  # read at log time only (no device sync per step)
+        noise = torch.randn((nc * g, *self.sample_shape), generator=generator, device=generator.device)
+        style = draw_style(nc * g, generator).to(labels.device)
+        x = net(noise.to(labels.device), labels.repeat_interleave(g), omega.repeat_interleave(g), style)
+        gen = {k: v.unflatten(0, (nc, g)) for k, v in self.features(x).items()}
+        real = self.real_features(batch)
+        pos_f = {k: v[:nc * p].unflatten(0, (nc, p)) for k, v in real.items()}
+        unc_f = {k: v[nc * p:].unflatten(0, (nc, u)) for k, v in real.items()}
+        loss, self.last_stats = drifting_loss(gen, pos_f, unc_f, omega, self.drift_cfg)
+        return loss
+
+    @torch.no_grad()
+    def sample(self, net, noise: torch.Tensor, cond: dict, generator: torch.Generator, omega: float = 1.0):
+        """One network evaluation per sample at CFG strength `omega`; the style indices come from `generator`."""
+        from raygen.nets.drift_dit import draw_style
+
+        n, device = len(noise), noise.device
+        style = draw_style(n, generator)
+        return net(noise, cond["label"].to(device), torch.full((n,), float(omega), device=device), style.to(device))

@@ -98,11 +98,6 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    # x * (1 + scale) + shift, broadcast over tokens
-    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
-
-
 class DiTBlock(nn.Module):
     """Pre-LN transformer block with adaLN-Zero: the gates start at zero so the block starts as identity.
     Its six modulation vectors come from outside, scales as (1 + scale) (see AdaLNModulations)."""
@@ -246,20 +241,26 @@ DIT_SIZES = {
 }
 
 
+DIT_PATCHES = (2, 4, 8)
+
+
+def parse_arch(name: str) -> dict:
+    """"DiT-<size>/<patch>" -> the size's constructor arguments with `patch_size`; ValueError otherwise."""
+    try:
+        size, patch = name.removeprefix("DiT-").split("/")
+        if int(patch) not in DIT_PATCHES:
+            raise ValueError(patch)
+        return dict(DIT_SIZES[size], patch_size=int(patch))
+    except (KeyError, ValueError):
+        names = [f"DiT-{s}/{p}" for s in DIT_SIZES for p in DIT_PATCHES]
+        raise ValueError(f"unknown DiT size {name!r}; choose one of {', '.join(names)}") from None
+
+
 def dit(name: str, **kwargs) -> DiT:
     """Build a DiT by name, e.g. `dit("DiT-XL/2", input_size=32, in_channels=4, num_classes=1000)`.
     Explicit kwargs (hidden_size, depth, ...) override the named size."""
-    try:
-        size, patch = name.removeprefix("DiT-").split("/")
-        spec = dict(DIT_SIZES[size], patch_size=int(patch))
-    except (KeyError, ValueError):
-        names = [f"DiT-{s}/{p}" for s in DIT_SIZES for p in (2, 4, 8)]
-        raise ValueError(f"unknown DiT size {name!r}; choose one of {names}") from None
-    spec.update(kwargs)
-    return DiT(**spec)
+    return DiT(**{**parse_arch(name), **kwargs})
 
-
-def DiT_T_2(**kw): return dit("DiT-T/2", **kw)
 def DiT_T_4(**kw): return dit("DiT-T/4", **kw)
 def DiT_S_2(**kw): return dit("DiT-S/2", **kw)
 def DiT_S_4(**kw): return dit("DiT-S/4", **kw)

@@ -311,11 +311,6 @@ class DriftDiT(nn.Module):
     def null_class(self) -> int:
         return self.num_classes
 
-    def draw_style(self, n: int, generator: torch.Generator, device=None) -> torch.Tensor:
-        """[n, 32] style indices for this net, from `generator` only (see module-level `draw_style`)."""
-        se = self.style_embedder
-        return draw_style(n, generator, se.tokens, se.vocab, device)
-
     def rope(self, device, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached (cos, signed_sin) [T, 1, 1, head_dim] over all T = cond_tokens + num_patches positions,
         in fp32 (fp64 for a float64 net): built once per (device, dtype), not per call."""
@@ -370,17 +365,22 @@ DRIFT_DIT_SIZES = {
 DRIFT_DIT_PATCHES = (2, 4, 8, 16)
 
 
-def drift_dit(name: str, input_size: int = 32, in_channels: int = 4, num_classes: int = 1000, **overrides) -> DriftDiT:
-    """Build a DriftDiT by name, e.g. `drift_dit("DriftDiT-B/2", 32, 4, 1000)`. Keyword overrides
-    (hidden_size, depth, cond_tokens, ...) replace the named size's values."""
+def parse_arch(name: str) -> dict:
+    """"DriftDiT-<size>/<patch>" -> the size's constructor arguments with `patch_size`; ValueError otherwise."""
     try:
         size, patch = name.removeprefix("DriftDiT-").split("/")
         if int(patch) not in DRIFT_DIT_PATCHES:
             raise ValueError(patch)
-        spec = dict(DRIFT_DIT_SIZES[size], patch_size=int(patch))
+        return dict(DRIFT_DIT_SIZES[size], patch_size=int(patch))
     except (KeyError, ValueError):
         names = [f"DriftDiT-{s}/{p}" for s in DRIFT_DIT_SIZES for p in DRIFT_DIT_PATCHES]
-        raise ValueError(f"unknown DriftDiT size {name!r}; choose one of {names}") from None
+        raise ValueError(f"unknown DriftDiT size {name!r}; choose one of {', '.join(names)}") from None
+
+
+def drift_dit(name: str, input_size: int = 32, in_channels: int = 4, num_classes: int = 1000, **overrides) -> DriftDiT:
+    """Build a DriftDiT by name, e.g. `drift_dit("DriftDiT-B/2", 32, 4, 1000)`. Keyword overrides
+    (hidden_size, depth, cond_tokens, ...) replace the named size's values."""
+    spec = parse_arch(name)
     spec.update(input_size=input_size, in_channels=in_channels, num_classes=num_classes)
     spec.update(overrides)
     return DriftDiT(**spec)

@@ -1,12 +1,14 @@
-"""What every image recipe's task shares: the run section, the data's classes and sample shape,
-and showing samples (latents decoded through the store's VAE, grayscale when the source was)."""
+"""What every image recipe shares: the run section, the image task (classes, sample shape, previews,
+latents decoded through the store's VAE), and the train -> export -> evaluate sequence."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
 
+from raygen.core.contracts import Task
 from raygen.data import images as image_data
 
 
@@ -15,15 +17,15 @@ class RunSection:
     name: Optional[str] = None  # a named run resumes when started again with the same name
 
 
-class ImageTask:
-    """Base of the tasks the generic loop trains: `cfg.data` decides classes, shape and previews."""
+class ImageTask(Task):
+    """Base of the image tasks: `cfg.data` decides classes, sample shape and how samples are shown."""
 
     def __init__(self, cfg):
         self.cfg = cfg
         data = cfg.data
         self.class_names = image_data.class_names(data)
         self.num_classes = len(self.class_names)
-        self.image_shape = (image_data.channels(data), data.resolution, data.resolution)
+        self.sample_shape = (image_data.channels(data), data.resolution, data.resolution)
         # latent runs decode samples through the store's VAE; FID/accuracy then use the pixel source
         self.pixel_data = image_data.pixel_source(data)
         self.store_meta = image_data.store_meta(data) if data.source == "latents" else None
@@ -41,15 +43,47 @@ class ImageTask:
             img = img.mean(1, keepdim=True)
         return img
 
+    def preview(self, net, generator: torch.Generator, per_class: int = 8) -> torch.Tensor:
+        """A class-per-column grid: `per_class` rows of every class, at the `eval.preview` settings."""
+        labels = torch.arange(self.num_classes).repeat(per_class)
+        return self.generate(self.build_method(), net, {"label": labels}, generator, **self.cfg.eval.preview)
 
-def run_evaluation(evaluate_fn, task, ema_state: dict, run_dir) -> dict:
-    """`evaluate_fn(task, ema_state, run_dir, cpus)` as a Ray task on the GPU (or `eval.cpus` CPUs, 0 =
-    every free CPU) after training released its workers. It is scheduled outside any placement group:
-    inside a sweep trial it would otherwise be captured by the trial's (which holds no CPU)."""
+    def datasets(self) -> dict:
+        return {"train": image_data.build_dataset(self.cfg.data, "train")}
+
+
+def run_evaluation(task, ema_state: dict, run_dir) -> dict:
+    """The evaluator as a Ray task on a GPU (or `eval.cpus` CPUs, 0 = every free CPU) after training
+    released its workers. It is scheduled outside any placement group: inside a sweep trial it would
+    otherwise be captured by the trial's (which holds no CPU)."""
     import ray
 
-    cfg = task.cfg
-    use_gpu = cfg.train.use_gpu if cfg.train.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-    cpus = cfg.eval.cpus or max(1, int(ray.available_resources().get("CPU", 1)))
-    remote = ray.remote(num_cpus=cpus, num_gpus=1 if use_gpu else 0)(evaluate_fn)
+    from raygen.eval.evaluate import evaluate
+    from raygen.train.driver import use_gpu
+
+    cpus = task.cfg.eval.cpus or max(1, int(ray.available_resources().get("CPU", 1)))
+    remote = ray.remote(num_cpus=cpus, num_gpus=1 if use_gpu(task.cfg.train) else 0)(evaluate)
     return ray.get(remote.options(scheduling_strategy="DEFAULT").remote(task, ema_state, str(run_dir), cpus))
+
+
+def train_and_evaluate(task, run_dir, callbacks=(), plot_keys=()) -> dict:
+    """Train under Ray Train, export the EMA weights, then evaluate them (when `eval.enabled`)."""
+    from raygen.train.driver import train
+
+    ema = train(task, Path(run_dir), callbacks, plot_keys)
+    if not task.cfg.eval.enabled:
+        return {}
+    return run_evaluation(task, ema, run_dir)
+
+
+def evaluate_trained(task, run_dir, trained_run) -> dict:
+    """Evaluation only: the EMA weights exported by `trained_run` (or its latest registered checkpoint),
+    sampled and scored with this task's config; results go to <run_dir>/eval."""
+    from raygen.train.checkpoint import EXPORT_FILE, latest_state
+
+    export = Path(trained_run) / EXPORT_FILE
+    if export.is_file():
+        ema = torch.load(export, map_location="cpu", weights_only=False)["ema"]
+    else:
+        ema = latest_state(trained_run)["ema"]
+    return run_evaluation(task, ema, run_dir)

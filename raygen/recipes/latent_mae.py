@@ -2,23 +2,28 @@
 with the generic loop on an image source or a latent store by masked-patch reconstruction (paper
 A.3). `jobs/latent_mae.py` trains one on its own; `jobs/drifting.py` trains one as its first stage.
 
-The run directory gets `mae.pt` at the end: the EMA weights plus the network's constructor
-arguments, which is what `stage.mae_ckpt` of the drifting job points at (that file or its run dir).
+Like every run, the run directory gets `net_ema.pt` at the end (docs/checkpoints.md): the EMA weights
+plus the network's NetSpec, which is what `stage.mae_ckpt` of the drifting job points at (that file or
+its run dir).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from raygen.config import ConfigError
+from raygen.core.contracts import Method, NetSpec
 from raygen.data import images as image_data
+from raygen.recipes import Recipe, register
 from raygen.recipes.common import ImageTask, RunSection
-from raygen.train.loop import DebugConfig, LogConfig, OptimConfig, TrainConfig
+from raygen.train.checkpoint import EXPORT_FILE
+from raygen.train.config import LOOP_METRICS, DebugConfig, LogConfig, OptimConfig, TrainConfig
 
 NAME = "latent_mae"
-MAE_FILE = "mae.pt"
+LEGACY_FILE = "mae.pt"  # what runs made before net_ema.pt wrote
 
 
 @dataclass
@@ -45,20 +50,19 @@ class LatentMAEConfig:
     log: LogConfig = field(default_factory=LogConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
-    def validate(self):
-        # the encoder halves the map three times and the masking works on whole patches
-        if self.data.resolution % 8 or self.data.resolution % self.model.patch:
-            raise ConfigError(f"data.resolution={self.data.resolution} must be divisible by 8 (three stride-2 "
-                              f"stages) and by model.patch={self.model.patch}")
 
 
-def build_mae(model_args: dict):
-    from raygen.nets.mae import LatentMAE
+def resolve(cfg: LatentMAEConfig) -> LatentMAEConfig:
+    data = image_data.resolve_data(cfg.data)
+    # the encoder halves the map three times and the masking works on whole patches
+    if data.resolution % 8 or data.resolution % cfg.model.patch:
+        raise ConfigError(f"data.resolution={data.resolution} must be divisible by 8 (three stride-2 "
+                          f"stages) and by model.patch={cfg.model.patch}")
+    return dataclasses.replace(cfg, data=data)
 
-    return LatentMAE(**model_args)
 
 
-class MAEObjective:
+class MAEObjective(Method):
     """Masked-patch MSE (the net's forward is its per-sample loss, so DDP sees a forward call)."""
 
     def loss(self, net, batch: dict, generator: torch.Generator) -> torch.Tensor:
@@ -72,13 +76,11 @@ class MAETask(ImageTask):
         super().__init__(cfg)
         self._preview_batch = None
 
-    def model_args(self) -> dict:
+    def net_spec(self) -> NetSpec:
         m = self.cfg.model
-        return {"in_channels": self.image_shape[0], "width": m.width, "layers": list(m.layers),
-                "input_size": self.cfg.data.resolution, "patch": m.patch, "mask_ratio": m.mask_ratio}
-
-    def build_net(self) -> torch.nn.Module:
-        return build_mae(self.model_args())
+        return NetSpec("raygen.nets.mae:LatentMAE", {
+            "in_channels": self.sample_shape[0], "width": m.width, "layers": list(m.layers),
+            "input_size": self.cfg.data.resolution, "patch": m.patch, "mask_ratio": m.mask_ratio})
 
     def build_method(self) -> MAEObjective:
         return MAEObjective()
@@ -93,9 +95,6 @@ class MAETask(ImageTask):
         if self._preview_batch is None:
             self._preview_batch = torch.from_numpy(first_per_class(self.cfg.data, self.num_classes))
         return self._preview_batch
-
-    def datasets(self) -> dict:
-        return {"train": image_data.build_dataset(self.cfg.data, "train")}
 
 
 def first_per_class(data_cfg, num_classes: int):
@@ -113,54 +112,42 @@ def first_per_class(data_cfg, num_classes: int):
     return image_data.to_model_input({"image": images[idx], "label": labels[idx]})["image"]
 
 
-def export(task: MAETask, ema_state: dict, run_dir: Path) -> Path:
-    """<run_dir>/mae.pt: what the drifting job loads (EMA weights + constructor arguments)."""
-    from raygen.core.files import save_torch
-
-    path = Path(run_dir) / MAE_FILE
-    save_torch({"model_args": task.model_args(), "ema": ema_state,
-                       "data": asdict(task.cfg.data), "steps": task.cfg.train.steps}, path)
-    return path
+def exported(run_dir) -> bool:
+    return (Path(run_dir) / EXPORT_FILE).is_file() or (Path(run_dir) / LEGACY_FILE).is_file()
 
 
-def load_mae(path: str | Path, device="cpu"):
-    """A frozen MAE (eval mode, no grads) from a `mae.pt` or the run directory holding one."""
+def load_mae(path) -> dict:
+    """The export record ({"net": NetSpec dict, "ema": state dict, ...}) of a trained MAE, from its
+    `net_ema.pt`, a `mae.pt` of an older run, or the run directory holding either."""
     p = Path(path).expanduser()
     if p.is_dir():
-        p = p / MAE_FILE
+        p = next((p / f for f in (EXPORT_FILE, LEGACY_FILE) if (p / f).is_file()), p / EXPORT_FILE)
     if not p.is_file():
-        raise ConfigError(f"stage.mae_ckpt={str(path)!r}: no {MAE_FILE} there; train one with "
-                          f"`python jobs/latent_mae.py` (it writes <run_dir>/{MAE_FILE}) or leave stage.mae_ckpt unset")
-    state = torch.load(p, map_location="cpu", weights_only=False)
-    net = build_mae(state["model_args"])
-    net.load_state_dict(state["ema"])
-    net.requires_grad_(False)
-    return net.eval().to(device), state
+        raise ConfigError(f"stage.mae_ckpt={str(path)!r}: no {EXPORT_FILE} there; train one with "
+                          f"`python jobs/latent_mae.py` (it writes <run_dir>/{EXPORT_FILE}) or leave stage.mae_ckpt unset")
+    record = torch.load(p, map_location="cpu", weights_only=False)
+    if "model_args" in record:  # the older mae.pt layout
+        record = {"net": NetSpec("raygen.nets.mae:LatentMAE", record["model_args"]).to_dict(), "ema": record["ema"]}
+    if NetSpec.from_dict(record["net"]).builder != "raygen.nets.mae:LatentMAE":
+        raise ConfigError(f"stage.mae_ckpt={str(path)!r} holds a {record['net']['builder']} network, not a "
+                          "latent-MAE; point it at a jobs/latent_mae.py run")
+    return record
 
 
-def run(cfg: LatentMAEConfig, run_dir) -> dict:
-    from raygen.train.loop import final_state, fit, plot_metrics
+def run(cfg: LatentMAEConfig, run_dir, callbacks=()) -> dict:
+    from raygen.train.driver import train
+    from raygen.train.logging import read_metrics
 
-    task = MAETask(cfg)
-    result = fit(task, Path(run_dir), task.datasets())
-    plot_metrics(run_dir)
-    path = export(task, final_state(result)["ema"], run_dir)
-    last = result.metrics or {}
-    return {"mae": str(path), "final_loss": last.get("loss")}
+    train(MAETask(cfg), Path(run_dir), callbacks)
+    records = read_metrics(run_dir)
+    return {"mae": str(Path(run_dir) / EXPORT_FILE), "final_loss": records[-1].get("loss") if records else None}
 
 
 def reported_metrics(cfg: LatentMAEConfig, eval_only: bool = False, during_training: bool = False) -> list[str]:
-    """What a run reports to a sweep: the loop's metrics (its loss is the masked reconstruction MSE)."""
-    from raygen.train.loop import LOOP_METRICS
-
+    """The loop's metrics (its loss is the masked reconstruction MSE), and the final loss at the end."""
     return [*LOOP_METRICS, *(() if during_training else ("final_loss",))]
 
 
-def main(argv=None):
-    """The `jobs/latent_mae.py` entry point; returns the run directory."""
-    from raygen.cli import guarded, init_ray, report, setup_job
-
-    cfg, run_dir, _ = setup_job(NAME, LatentMAEConfig, argv)
-    init_ray()
-    report(run_dir, guarded(run, cfg, run_dir))
-    return run_dir
+RECIPE = register(Recipe(name=NAME, config=LatentMAEConfig, task=MAETask, run=run,
+                         reported_metrics=reported_metrics, resolve=resolve,
+                         description="the latent-MAE feature network of the drifting method (masked-patch MSE)"))

@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from raygen.core.files import write_text
-from raygen.config import ConfigError, dump_yaml
+from raygen.config import ConfigError, write_config
 from raygen.tune import sweep as sw
 from raygen.tune.trial import STATUS_FILE, make_trainable, read_status, scalar_metrics, write_status
 
@@ -76,7 +76,7 @@ def print_plan(spec: sw.SweepSpec, trials: list[sw.Trial], concurrent: int) -> N
 
 def shared_stage(spec: sw.SweepSpec, sweep_dir: Path, trials: list[sw.Trial]) -> dict:
     """Train what every trial shares, once, in <sweep>/shared; return the keys that point trials at it."""
-    module = sw.recipe_module(spec.recipe)
+    rec = sw.recipe(spec.recipe)
     base = next(t.cfg for t in trials if t.cfg is not None)
     shared_dir = sweep_dir / "shared"
     if spec.eval_only:
@@ -86,13 +86,13 @@ def shared_stage(spec: sw.SweepSpec, sweep_dir: Path, trials: list[sw.Trial]) ->
         if read_status(train_dir).get("status") != "finished":
             cfg = dataclasses.replace(base, eval=dataclasses.replace(base.eval, enabled=False))
             train_dir.mkdir(parents=True, exist_ok=True)
-            dump_yaml(cfg, train_dir / "config.yaml")
+            write_config(cfg, train_dir / "config.yaml")
             print(f"shared stage: training the network every trial evaluates, in {train_dir}", flush=True)
-            module.run(cfg, train_dir)
+            rec.run(cfg, train_dir)
             write_status(train_dir, status="finished")
         return {}
-    if hasattr(module, "shared_stage"):
-        return module.shared_stage(base, shared_dir, list(spec.grid))
+    if rec.shared_stage is not None:
+        return rec.shared_stage(base, shared_dir, list(spec.grid))
     return {}
 
 
@@ -110,7 +110,7 @@ def write_plan(sweep_dir: Path, spec: sw.SweepSpec, trials: list[sw.Trial]) -> N
         if t.cfg is not None:
             run_dir = sweep_dir / "trials" / t.name
             run_dir.mkdir(parents=True, exist_ok=True)
-            dump_yaml(t.cfg, run_dir / "config.yaml")
+            write_config(t.cfg, run_dir / "config.yaml")
             if not (run_dir / STATUS_FILE).exists():
                 write_status(run_dir, status="pending", params=t.params)
     write_text(sweep_dir / "plan.json", json.dumps({"sweep": spec.name, "recipe": spec.recipe, "metric": spec.metric,

@@ -18,7 +18,6 @@ validation (e.g. Sinkhorn with marginal `none` while omega can reach 1) is exclu
 """
 from __future__ import annotations
 
-import importlib
 import itertools
 import re
 from dataclasses import dataclass, field
@@ -28,15 +27,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from raygen.config import ConfigError, all_keys, deep_merge, from_dict, load_config, to_dict
-
-# recipe name -> (module, config class). A recipe module offers run(cfg, run_dir) and reported_metrics(cfg).
-RECIPES = {
-    "dit": ("raygen.recipes.dit", "DiTConfig"),
-    "drifting": ("raygen.recipes.drifting", "DriftingConfig"),
-    "latent_mae": ("raygen.recipes.latent_mae", "LatentMAEConfig"),
-}
-
+from raygen import recipes
+from raygen.config import ConfigError, closest_key, all_keys, deep_merge, flatten, from_dict, is_key, load_config, nest, to_dict
 
 @dataclass
 class Resources:
@@ -98,38 +90,11 @@ def shipped_sweeps() -> list[str]:
     return sorted(p.stem for p in sweeps_dir().glob("*.yaml"))
 
 
-def recipe_module(name: str):
-    if name not in RECIPES:
-        raise ConfigError(f"sweep key 'recipe': unknown recipe {name!r}; use one of {', '.join(RECIPES)}")
-    return importlib.import_module(RECIPES[name][0])
-
-
-def config_class(name: str):
-    module, cls = RECIPES[name]
-    recipe_module(name)
-    return getattr(importlib.import_module(module), cls)
-
-
-def nest(flat: dict[str, Any]) -> dict:
-    """{'a.b': 1, 'a.c': 2} -> {'a': {'b': 1, 'c': 2}}."""
-    out: dict = {}
-    for key, value in flat.items():
-        for part in reversed(key.split(".")):
-            value = {part: value}
-        out = deep_merge(out, value)
-    return out
-
-
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}, 'c.d': 2} -> {'a.b': 1, 'c.d': 2} (either spelling works in a sweep file)."""
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
+def recipe(name: str) -> recipes.Recipe:
+    try:
+        return recipes.get(name)
+    except ConfigError:
+        raise ConfigError(f"sweep key 'recipe': unknown recipe {name!r}; use one of {', '.join(recipes.names())}") from None
 
 
 def load_sweep(name_or_path: str, preset: str | None = None, overrides: list[str] = ()) -> SweepSpec:
@@ -224,7 +189,7 @@ def base_raw(spec: SweepSpec) -> dict:
     """The base config every trial starts from (preset or file, then the sweep's overrides) as a dict."""
     from raygen.cli import preset_dir
 
-    cls = config_class(spec.recipe)
+    cls = recipe(spec.recipe).config
     if spec.eval_only and spec.eval_only.from_run:
         run_cfg = Path(spec.eval_only.from_run) / "config.yaml"
         if not run_cfg.is_file():
@@ -239,19 +204,16 @@ def base_raw(spec: SweepSpec) -> dict:
 def plan(spec: SweepSpec, shared: dict | None = None) -> list[Trial]:
     """Every grid point as a Trial: its config built and validated, or the reason it is excluded.
     `shared` holds keys set by the sweep's shared stage (e.g. the MAE every drifting trial uses)."""
-    cls = config_class(spec.recipe)
-    keys = set(all_keys(cls))
+    rec = recipe(spec.recipe)
+    cls = rec.config
     for where, names in (("grid", spec.grid), ("overrides", spec.overrides)):
         for key in names:
-            if key not in keys:
-                from raygen.config import _closest
-
-                match = _closest(key, sorted(keys))
+            if not is_key(cls, key):
+                match = closest_key(key, sorted(all_keys(cls)))
                 raise ConfigError(f"sweep {where} key '{key}' is not a {spec.recipe} config key"
                                   + (f"; did you mean '{match}'?" if match else ""))
     if spec.eval_only:
-        module = recipe_module(spec.recipe)
-        if not hasattr(module, "evaluate_run"):
+        if rec.evaluate is None:
             raise ConfigError(f"eval_only: the {spec.recipe} recipe has no evaluation-only mode (dit has)")
         bad = [k for k in spec.grid if not k.startswith(("eval.", "method."))]
         if bad:
@@ -265,7 +227,7 @@ def plan(spec: SweepSpec, shared: dict | None = None) -> list[Trial]:
         params = dict(zip(spec.grid, values))
         t = Trial(trial_name(i, params), params)
         try:
-            t.cfg = from_dict(cls, deep_merge(base, nest(params)))
+            t.cfg = recipes.resolved(rec, from_dict(cls, deep_merge(base, nest(params))))
         except ConfigError as e:
             t.excluded = str(e)
         trials.append(t)
@@ -276,7 +238,7 @@ def plan(spec: SweepSpec, shared: dict | None = None) -> list[Trial]:
 
 def check_metrics(spec: SweepSpec, trials: list[Trial]) -> None:
     """The headline and scheduler metrics must be something the recipe reports."""
-    module = recipe_module(spec.recipe)
+    module = recipe(spec.recipe)
     cfg = next(t.cfg for t in trials if t.cfg is not None)
     reported = set(module.reported_metrics(cfg, eval_only=bool(spec.eval_only)))
     wanted = [("metric", spec.metric)]

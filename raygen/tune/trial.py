@@ -16,17 +16,6 @@ from pathlib import Path
 from raygen.core.files import write_text
 
 STATUS_FILE = "trial.json"
-_current_run_dir: Path | None = None  # set while this process runs a trial: its own Train runs report to Tune
-
-
-def report_callbacks(run_dir) -> list:
-    """Train callbacks for `fit(run_dir)`: forward reports to Tune when this is the trial's own run
-    (not, e.g., an MAE stage trained inside it, whose steps would mix with the trial's)."""
-    if _current_run_dir is None or Path(run_dir).resolve() != _current_run_dir:
-        return []
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    return [TuneReportCallback()]
 
 
 def read_status(run_dir: Path) -> dict:
@@ -54,43 +43,45 @@ def scalar_metrics(metrics: dict) -> dict:
 
 
 def make_trainable(sweep_dir: Path, recipe: str, eval_from: str | None):
-    """Tune's function trainable for a sweep; its config is {"trial": {"name", "params"}}. (A module-level
-    function bound with `tune.with_parameters`: a closure would be pickled with a copy of this module's
-    globals, and `_current_run_dir` would not reach `fit`.)"""
+    """Tune's function trainable for a sweep; its config is {"trial": {"name", "params"}} (a module-level
+    function bound with `tune.with_parameters`, so nothing of the driver's state is pickled with it)."""
     from ray import tune
 
     return tune.with_parameters(run_trial, sweep_dir=str(sweep_dir), recipe=recipe, eval_from=eval_from)
 
 
 def run_trial(config: dict, sweep_dir: str, recipe: str, eval_from: str | None) -> None:
-    global _current_run_dir
+    """Run the trial's recipe on its run directory. The trial's own Train run gets the callback that
+    forwards its reports to Tune (ASHA, Tune's loggers); a stage trained inside it (the drifting MAE)
+    does not, so its steps never mix with the trial's."""
     from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
 
+    from raygen import recipes
     from raygen.config import load_config
     from raygen.train.logging import read_metrics
-    from raygen.tune.sweep import config_class, recipe_module
 
     run_dir = Path(sweep_dir) / "trials" / config["trial"]["name"]
     status = read_status(run_dir)
     if status.get("status") == "finished":  # finished before the driver recorded it: keep it
         tune.report({**status.get("metrics", {}), "eval_done": 1})
         return
-    cfg, _ = load_config(config_class(recipe), preset=None, preset_dir=Path("/nonexistent"),
+    rec = recipes.get(recipe)
+    cfg, _ = load_config(rec.config, preset=None, preset_dir=Path("/nonexistent"),
                          config_file=str(run_dir / "config.yaml"))
     started = time.time()
     prior = float(status.get("wall_s", 0.0))
     write_status(run_dir, status="running", started=started, wall_s=prior, stopped_by=None,
                  attempts=int(status.get("attempts", 0)) + 1, params=config["trial"]["params"])
-    _current_run_dir = run_dir.resolve()
-    module = recipe_module(recipe)
     try:
-        metrics = module.evaluate_run(cfg, run_dir, eval_from) if eval_from else module.run(cfg, run_dir)
+        if eval_from:
+            metrics = rec.evaluate(cfg, run_dir, eval_from)
+        else:
+            metrics = rec.run(cfg, run_dir, callbacks=[TuneReportCallback()])
     except BaseException as e:
         write_status(run_dir, status="error", error=f"{type(e).__name__}: {e}".splitlines()[0][:500],
                      wall_s=prior + time.time() - started)
         raise
-    finally:
-        _current_run_dir = None
     records = read_metrics(run_dir)
     final = {**scalar_metrics(records[-1] if records else {}), **scalar_metrics(metrics or {})}
     write_status(run_dir, status="finished", wall_s=prior + time.time() - started, metrics=final)

@@ -1,0 +1,100 @@
+"""The config sections every trained recipe shares: optimizer, training loop, logging, debugging.
+
+Loop policies that differ between method families are choices here, not code paths in a recipe:
+the optimizer (AdamW, or Adam without decay as EDM), the EMA (a per-step decay, or a half-life in
+images with a ramp-up as EDM, arXiv 2206.00364 App. F), the loss reduction (mean over every element,
+or EDM's per-sample sum averaged over the batch) and what a non-finite gradient does (skip the step,
+or replace NaN/Inf by finite numbers as EDM and SDD do).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from raygen.config import ConfigError
+
+# what every report of the training loop carries (a method adds its own through `Method.log_metrics`)
+LOOP_METRICS = ("step", "loss", "lr", "grad_norm", "steps_per_s", "samples_per_s", "nonfinite_total", "epoch",
+                "ema_decay")
+
+
+@dataclass
+class OptimConfig:
+    kind: Literal["adamw", "adam"] = "adamw"  # adam: no weight decay at all (EDM)
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+    def validate(self):
+        if self.kind == "adam" and self.weight_decay:
+            raise ConfigError(f"optim.kind=adam takes no weight decay (got optim.weight_decay={self.weight_decay}); "
+                              "use optim.kind=adamw or set optim.weight_decay=0")
+        if self.lr <= 0 or self.eps <= 0:
+            raise ConfigError("optim.lr and optim.eps must be > 0")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 128  # global, summed over workers and accumulation micro-steps; 0 = the recipe sets it
+    grad_accum: int = 1
+    num_workers: int = 1
+    use_gpu: Optional[bool] = None  # None: use GPUs when the cluster has them
+    cpus_per_worker: int = 1
+    gpus_per_worker: float = 1.0  # with use_gpu; fractions let runs (e.g. sweep trials) share a GPU
+    torch_threads: int = 0  # 0: the node's cores divided by the workers on it
+    amp: Literal["auto", "bf16", "off"] = "auto"  # auto = bf16 on GPU, off on CPU
+    compile: bool = False
+    ema_decay: float = 0.999
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)) early on
+    # EMA as a half-life in thousands of training images (EDM); replaces ema_decay when set
+    ema_halflife_kimg: Optional[float] = None
+    ema_rampup_ratio: Optional[float] = 0.05  # half-life at most this fraction of the images seen so far
+    loss_reduction: Literal["mean", "sum"] = "mean"  # sum: per-sample sum over elements, mean over the batch (EDM)
+    nonfinite_grads: Literal["skip", "nan_to_num"] = "skip"
+    seed: int = 0
+    shuffle_buffer: int = 20000
+    log_every: int = 50
+    ckpt_every: int = 500
+    sample_every: int = 500
+    keep_checkpoints: int = 2
+    max_failures: int = 1  # worker-group restarts from the last checkpoint (FailureConfig)
+    max_nonfinite_in_a_row: int = 20
+
+    def validate(self):
+        for k in ("steps", "grad_accum", "num_workers", "cpus_per_worker", "log_every", "ckpt_every"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"train.{k} must be >= 1, got {getattr(self, k)}")
+        if self.batch_size < 0:
+            raise ConfigError(f"train.batch_size must be >= 1, got {self.batch_size}")
+        if self.batch_size % (self.num_workers * self.grad_accum):
+            raise ConfigError(
+                f"train.batch_size={self.batch_size} is not divisible by train.num_workers x train.grad_accum "
+                f"= {self.num_workers * self.grad_accum}; pick a multiple"
+            )
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError("train.ema_decay must be in [0, 1)")
+        if self.ema_halflife_kimg is not None and self.ema_halflife_kimg <= 0:
+            raise ConfigError("train.ema_halflife_kimg must be > 0 (or null to use train.ema_decay)")
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = True
+    wandb: bool = True  # offline unless WANDB_API_KEY / WANDB_MODE say otherwise
+    wandb_project: str = "raygen"
+    wandb_group: Optional[str] = None
+    # W&B's system-metrics sampler (CPU/GPU use): useful on GPU boxes, a measurable tax on a 2-core CPU
+    wandb_system_stats: bool = True
+    progress: bool = True
+
+
+@dataclass
+class DebugConfig:
+    fail_at_step: Optional[int] = None  # raise once in every worker at this step (tests fault tolerance)
+    nan_at_steps: list[int] = field(default_factory=list)  # make the loss NaN at these steps

@@ -1,0 +1,101 @@
+"""The one driver: `fit` builds the Ray Train run (trainer, scaling, storage, failure policy,
+callbacks) for any task and hands the steps to the task's backend (docs/architecture.md).
+
+A backend offers `trainer(task, run_dir, scaling_config, run_config)` (a Ray Train trainer over its
+per-worker loop) and `export(task, run_dir, checkpoint_dir)` (writes `net_ema.pt`, returns the EMA
+state). The torch backend is raygen.train.torch_backend; a JAX backend plugs in the same way.
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from raygen.config import ConfigError
+from raygen.train.config import TrainConfig
+
+BACKENDS = {"torch": "raygen.train.torch_backend:TorchBackend"}
+
+
+def backend(name: str):
+    if name not in BACKENDS:
+        raise ConfigError(f"unknown training backend {name!r}; available: {', '.join(BACKENDS)}")
+    module, _, cls = BACKENDS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)()
+
+
+def use_gpu(tc: TrainConfig) -> bool:
+    import ray
+
+    return tc.use_gpu if tc.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+
+
+def fit(task, run_dir: Path, callbacks=()):
+    """Train `task` under Ray Train. Checkpoints go to <run_dir>/checkpoints; calling this again with
+    the same run_dir resumes from the latest registered one (Ray Train V2: same storage_path + name).
+    `callbacks` are Ray Train callbacks (a sweep trial passes the one that reports to Tune)."""
+    import ray
+    import ray.train
+
+    tc: TrainConfig = task.cfg.train
+    gpu = use_gpu(tc)
+    if not gpu:
+        cpus = ray.cluster_resources().get("CPU", 0)
+        if tc.num_workers * tc.cpus_per_worker > cpus:
+            raise ConfigError(
+                f"train.num_workers={tc.num_workers} x train.cpus_per_worker={tc.cpus_per_worker} needs more CPUs "
+                f"than the cluster has ({cpus:g}); lower them"
+            )
+    scaling = ray.train.ScalingConfig(
+        num_workers=tc.num_workers, use_gpu=gpu,
+        resources_per_worker={"CPU": tc.cpus_per_worker, **({"GPU": tc.gpus_per_worker} if gpu else {})},
+    )
+    run_config = ray.train.RunConfig(
+        name="checkpoints",
+        storage_path=str(run_dir),
+        failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+        callbacks=list(callbacks),
+    )
+    return backend(task.backend).trainer(task, Path(run_dir), scaling, run_config).fit()
+
+
+def train(task, run_dir: Path, callbacks=(), plot_keys=()) -> dict:
+    """`fit`, then export the EMA weights (`net_ema.pt`) and plot the curves; returns the EMA state."""
+    result = fit(task, run_dir, callbacks)
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint; check train.ckpt_every")
+    plot_metrics(run_dir, keys=("loss", "lr", "grad_norm", "steps_per_s", *plot_keys))
+    with result.checkpoint.as_directory() as ckpt:
+        return backend(task.backend).export(task, Path(run_dir), Path(ckpt))
+
+
+def plot_metrics(run_dir: Path, keys=("loss", "lr", "grad_norm", "steps_per_s")) -> Path | None:
+    """plots/training.png: the logged curves against the step."""
+    from raygen.train.logging import read_metrics
+
+    records = read_metrics(run_dir)
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in keys if any(k in r for r in records)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        pts = [(r["step"], r[k]) for r in records if k in r]
+        ax.plot(*zip(*pts))
+        ax.set_title(k)
+        ax.set_xlabel("step")
+        if k == "loss":
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(run_dir) / "plots" / "training.png"
+    out.parent.mkdir(exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
