@@ -76,10 +76,14 @@ def prepare_run_dir(run_dir: Path) -> None:
 
 def init_ray() -> None:
     """Connect to the cluster named by RAY_ADDRESS (`ray job submit` sets it), else start a local one."""
+    from raygen.core import console
+
+    console.quiet_driver()  # before `import ray`: Ray reads its log-forwarding settings on import
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, configure_logging=False)
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, configure_logging=False,
+                 runtime_env=console.runtime_env())
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # reproducible data order, hence exact resume
     ctx.enable_progress_bars = False  # one progress bar (training) instead of one per epoch

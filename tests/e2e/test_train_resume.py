@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from raygen.recipes.dit import main
+from raygen.cli import run_job
+from raygen.train.checkpoint import EXPORT_FILE, latest_checkpoint, read_record
+
+
+def main(argv):
+    return run_job("dit", argv)
+
 
 N = 8
 TINY = [
@@ -18,9 +24,10 @@ TINY = [
 
 
 def final_state(run_dir: Path) -> dict:
-    ckpts = sorted(p for p in (run_dir / "checkpoints").glob("checkpoint_*") if p.is_dir())
-    assert ckpts, f"no checkpoint in {run_dir}"
-    return torch.load(ckpts[-1] / "state.pt", map_location="cpu", weights_only=False)
+    """The latest registered checkpoint's payload and record (as Ray Train recorded it)."""
+    ckpt = latest_checkpoint(run_dir)
+    assert ckpt is not None, f"no checkpoint in {run_dir}"
+    return {**torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False), **read_record(ckpt)}
 
 
 def metric_steps(run_dir: Path) -> list[dict]:
@@ -64,8 +71,16 @@ def test_fault_restart_and_resume_reproduce_a_straight_run(ray_cluster, tmp_path
     assert metric_steps(straight)[-1]["nonfinite_total"] == 1
     assert all(torch.isfinite(v).all() for v in ref["model"].values())
     # every output a run promises
-    for rel in ("config.yaml", "metrics.jsonl", "plots/training.png", f"samples/step_{N:07d}.png", "tensorboard"):
+    for rel in ("config.yaml", "metrics.jsonl", "plots/training.png", f"samples/step_{N:07d}.png", "tensorboard",
+                EXPORT_FILE):
         assert (straight / rel).exists(), rel
+    # the exported EMA rebuilds the network with no config: its weights are the checkpoint's EMA
+    from raygen.train.checkpoint import load_exported
+
+    net, record = load_exported(straight)
+    assert record["step"] == N and record["recipe"] == "dit"
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(v, ref["ema"][k].to(v.dtype))
 
 
 @pytest.mark.slow

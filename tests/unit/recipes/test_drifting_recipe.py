@@ -10,24 +10,23 @@ import pytest
 import torch
 from PIL import Image
 
-from raygen.cli import preset_dir
-from raygen.config import load_config
-from raygen.recipes.drifting import DriftingConfig, DriftingTask
+from raygen import recipes
+from raygen.cli import load_resolved, run_job
+from raygen.data.samplers import ClassIndexedData, MemoryBank
+from raygen.recipes.drifting import DriftingTask
 from raygen.train.state import DataPosition
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def config(*overrides, preset="smoke"):
-    cfg, _ = load_config(DriftingConfig, preset=preset, preset_dir=preset_dir("drifting"), overrides=list(overrides))
+    cfg, _, _ = load_resolved(recipes.get("drifting"), preset=preset, overrides=list(overrides))
     return cfg
 
 
 def job_error(capsys, tmp_path, *argv) -> str:
-    from raygen.recipes.drifting import main
-
     with pytest.raises(SystemExit) as e:
-        main(["--runs-root", str(tmp_path), *argv])
+        run_job("drifting", ["--runs-root", str(tmp_path), *argv])
     assert e.value.code == 2
     assert not (tmp_path / "drifting").exists() or not any((tmp_path / "drifting").iterdir()), "nothing written"
     return capsys.readouterr().err
@@ -58,19 +57,17 @@ def take(stream, n):
 def test_batch_stream_is_class_balanced_deterministic_resumable_and_split_over_workers():
     cfg = config("batch.nc=10", "batch.pos=5", "batch.uncond=3")
     task = DriftingTask(cfg)
-    from raygen.recipes.drifting import ClassIndexedData
-
     data = ClassIndexedData(cfg.data)
     data_labels = data.labels
-    one = take(task.batch_stream(DataPosition(), 0, 1, "cpu"), 4)
-    again = take(task.batch_stream(DataPosition(), 0, 1, "cpu"), 4)
+    one = take(task.batches(DataPosition(), 0, 1, "cpu"), 4)
+    again = take(task.batches(DataPosition(), 0, 1, "cpu"), 4)
     for (p1, b1), (p2, b2) in zip(one, again):
         assert p1 == p2
         for k in b1:
             torch.testing.assert_close(b1[k], b2[k])
     assert [p.batch for p, _ in one] == [1, 2, 3, 4]
     # resuming at position 2 continues with the third batch exactly
-    (p3, b3), = take(task.batch_stream(DataPosition(0, 2), 0, 1, "cpu"), 1)
+    (p3, b3), = take(task.batches(DataPosition(0, 2), 0, 1, "cpu"), 1)
     assert p3.batch == 3
     for k in b3:
         torch.testing.assert_close(b3[k], one[2][1][k])
@@ -85,8 +82,8 @@ def test_batch_stream_is_class_balanced_deterministic_resumable_and_split_over_w
             assert len(match) and all(data_labels[m] == c for m in match)
     assert not torch.equal(one[0][1]["pos"], one[1][1]["pos"])  # fresh draws every step
     # two workers: the same global classes, split in halves, different positives
-    w0 = take(task.batch_stream(DataPosition(), 0, 2, "cpu"), 1)[0][1]
-    w1 = take(task.batch_stream(DataPosition(), 1, 2, "cpu"), 1)[0][1]
+    w0 = take(task.batches(DataPosition(), 0, 2, "cpu"), 1)[0][1]
+    w1 = take(task.batches(DataPosition(), 1, 2, "cpu"), 1)[0][1]
     assert len(w0["label"]) == len(w1["label"]) == 5
     assert torch.equal(torch.cat([w0["label"], w1["label"]]), one[0][1]["label"])
 
@@ -95,8 +92,6 @@ def test_queue_sampler_is_the_release_memory_bank_and_resumes_exactly():
     """batch.sampler=queue: each step pushes random items; a class's queue is the last class_queue pushed
     items of that class, the global queue the last global_queue; the step's classes are the labels of its
     pushed batch, positives come from their queues, negatives from the global queue."""
-    from raygen.recipes.drifting import ClassIndexedData, MemoryBank
-
     cfg = config("batch.sampler=queue", "batch.nc=6", "batch.push_per_step=8", "batch.class_queue=5",
                  "batch.global_queue=20", "batch.pos=4", "batch.uncond=3")
     data = ClassIndexedData(cfg.data)
@@ -109,7 +104,7 @@ def test_queue_sampler_is_the_release_memory_bank_and_resumes_exactly():
     assert [list(q) for q in fresh.per_class] == [list(q) for q in bank.per_class]
 
     task = DriftingTask(cfg)
-    stream = task.batch_stream(DataPosition(0, 6), 0, 1, "cpu")
+    stream = task.batches(DataPosition(0, 6), 0, 1, "cpu")
     pos, batch = next(stream)
     assert pos.batch == 7
     np.testing.assert_array_equal(batch["label"].numpy(), data.labels[bank.at(6).last[:6]])
@@ -124,34 +119,35 @@ def test_queue_sampler_is_the_release_memory_bank_and_resumes_exactly():
     everything = set(bank.everything)
     assert all(index_of(img) & everything for img in batch["uncond"].flatten(0, 1))
     # resumed at step 6 or run from 0: the same batch
-    run = task.batch_stream(DataPosition(), 0, 1, "cpu")
+    run = task.batches(DataPosition(), 0, 1, "cpu")
     seventh = [next(run) for _ in range(7)][-1][1]
     for k in batch:
         torch.testing.assert_close(batch[k], seventh[k])
 
 
-def tiny_mae_state(cfg):
+def tiny_mae_export(cfg):
+    """What a latent_mae run exports (net_ema.pt): the NetSpec and the weights of a fresh MAE."""
     from raygen.recipes.latent_mae import LatentMAEConfig, MAETask
 
     task = MAETask(LatentMAEConfig(data=cfg.data, model=cfg.mae.model))
     torch.manual_seed(0)
-    return {"model_args": task.model_args(), "ema": task.build_net().state_dict()}
+    return {"net": task.net_spec().to_dict(), "ema": task.build_net().state_dict()}
 
 
 def test_cached_real_features_give_the_same_loss_as_computing_them():
     """The default gathers the real samples' features from a per-worker cache: the loss and the
     generator's gradient must equal those with the features computed from the images each step."""
     cfg = config("batch.pos=4", "batch.uncond=3", "batch.gen=4")
-    task = DriftingTask(cfg, tiny_mae_state(cfg))
+    task = DriftingTask(cfg, tiny_mae_export(cfg))
     assert task.cache_real()
     net = task.build_net()
     for p in net.parameters():
         if p.dim() > 1 and p.abs().sum() == 0:
             torch.nn.init.normal_(p, std=0.02)
-    _, by_index = next(task.batch_stream(DataPosition(), 0, 1, "cpu"))
+    _, by_index = next(task.batches(DataPosition(), 0, 1, "cpu"))
     assert set(by_index) == {"label", "pos_idx", "uncond_idx"}
     cfg.features.cache_real = False
-    _, by_image = next(task.batch_stream(DataPosition(), 0, 1, "cpu"))
+    _, by_image = next(task.batches(DataPosition(), 0, 1, "cpu"))
     assert set(by_image) == {"label", "pos", "uncond"}
     assert torch.equal(by_index["label"], by_image["label"])
     losses, grads = [], []
@@ -175,59 +171,14 @@ def test_generation_uses_only_the_callers_generator():
     for p in net.parameters():  # make the output depend on the inputs (the output layer starts at zero)
         if p.dim() > 1 and p.abs().sum() == 0:
             torch.nn.init.normal_(p, std=0.02)
-    labels = torch.arange(10)
+    cond, method = {"label": torch.arange(10)}, task.build_method()
     state = torch.get_rng_state()
-    a = task.generate(None, net, labels, torch.Generator().manual_seed(3), omega=2.0)
-    b = task.generate(None, net, labels, torch.Generator().manual_seed(3), omega=2.0)
-    c = task.generate(None, net, labels, torch.Generator().manual_seed(4), omega=2.0)
+    a = task.generate(method, net, cond, torch.Generator().manual_seed(3), omega=2.0)
+    b = task.generate(method, net, cond, torch.Generator().manual_seed(3), omega=2.0)
+    c = task.generate(method, net, cond, torch.Generator().manual_seed(4), omega=2.0)
     assert torch.equal(state, torch.get_rng_state())
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.shape == (10, 1, 16, 16)
-
-
-def last_line_run_dir(output: str) -> Path:
-    last = output.strip().splitlines()[-1]
-    assert last.startswith("run_dir: "), f"last line must be 'run_dir: <path>', got {last!r}"
-    return Path(last.removeprefix("run_dir: "))
-
-
-@pytest.mark.slow
-def test_smoke_chain_end_to_end_with_a_worker_failure(tmp_path, job_env):
-    """MAE -> generator (a worker fails once at step 7 and the group resumes from the step-6
-    checkpoint) -> omega sweep; every promised file exists with the right content."""
-    env = job_env
-    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "drifting.py"), "--preset", "smoke", "--runs-root",
-                           str(tmp_path), "debug.fail_at_step=7", "run.name=chain"],
-                          capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run_dir = last_line_run_dir(proc.stdout)
-    assert run_dir.parent == tmp_path / "drifting"
-    assert (run_dir / "mae" / "mae.pt").is_file() and (run_dir / "mae" / "config.yaml").is_file()
-    assert (run_dir / ".debug_failed_at_7").exists()
-
-    sweep = json.loads((run_dir / "eval" / "omega_sweep.json").read_text())
-    assert [r["omega"] for r in sweep] == [1.0, 2.0]
-    for r in sweep:
-        assert r["fid"] > 0 and 0.0 <= r["class_accuracy"] <= 1.0 and r["num_samples"] == 100
-    assert (run_dir / "eval" / "omega_sweep.csv").read_text().startswith("omega,")
-    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
-    assert metrics["best_omega"] in (1.0, 2.0) and metrics["nfe"] == 1
-    assert metrics["fid"] == min(r["fid"] for r in sweep) and metrics["fid_untrained"] > 0
-    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [4, 8, 12], "resumed at step 6 without losing or repeating a log"
-    assert all(np.isfinite(r["loss"]) for r in records)
-    for r in records:  # the method's own diagnostics: drift norms per temperature, the omega drawn
-        assert all(r[f"drift_theta_{R}"] > 0 for R in ("0.02", "0.05", "0.2")) and 1.0 <= r["omega_mean"] <= 4.0
-    for png in ("eval/omega_sweep.png", "eval/samples_omega1.png", "eval/samples_omega2.png", "plots/training.png",
-                "samples/step_0000012.png", "mae/plots/training.png", "mae/samples/step_0000020.png"):
-        Image.open(run_dir / png).verify()
-    # the same command again: the finished MAE is reused, training is done, evaluation repeats
-    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "drifting.py"), "--preset", "smoke", "--runs-root",
-                           str(tmp_path), "run.name=chain", "eval.enabled=false"],
-                          capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "using the MAE already trained" in proc.stdout
-    assert last_line_run_dir(proc.stdout) == run_dir
 
 
 def test_a_missing_or_mismatched_mae_checkpoint_names_the_key_and_the_fix(tmp_path):
@@ -235,11 +186,11 @@ def test_a_missing_or_mismatched_mae_checkpoint_names_the_key_and_the_fix(tmp_pa
     from raygen.recipes.drifting import check_mae
     from raygen.recipes.latent_mae import load_mae
 
-    with pytest.raises(ConfigError, match=r"stage.mae_ckpt=.*no mae.pt there.*jobs/latent_mae.py"):
+    with pytest.raises(ConfigError, match=r"stage.mae_ckpt=.*no net_ema.pt there.*jobs/latent_mae.py"):
         load_mae(tmp_path)
     cfg = config()
-    state = tiny_mae_state(cfg)
+    state = tiny_mae_export(cfg)
     check_mae(state, cfg)  # digits MAE for a digits generator: fine
-    state["model_args"] = {**state["model_args"], "in_channels": 4}
+    state["net"]["kwargs"] = {**state["net"]["kwargs"], "in_channels": 4}
     with pytest.raises(ConfigError, match=r"stage.mae_ckpt: the MAE takes 4x16.*train the MAE on the same data"):
         check_mae(state, cfg)

@@ -13,38 +13,38 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
-def last_line_run_dir(output: str) -> Path:
-    last = output.strip().splitlines()[-1]
-    assert last.startswith("run_dir: "), f"last line must be 'run_dir: <path>', got {last!r}"
-    return Path(last.removeprefix("run_dir: "))
-
-
 @pytest.mark.slow
-def test_smoke_preset_end_to_end(tmp_path, job_env):
-    env = job_env
-    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "dit.py"), "--preset", "smoke", "--runs-root",
-                           str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run_dir = last_line_run_dir(proc.stdout)
+def test_smoke_preset_end_to_end(tmp_path, run_job):
+    run_dir, proc = run_job("dit", "--preset", "smoke")
     assert run_dir.is_dir() and run_dir.parent == tmp_path / "dit"
 
     metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
-    for key in ("fid", "fid_features", "class_accuracy", "num_samples", "sampler", "steps", "fid_untrained"):
+    for key in ("fid", "precision", "recall", "diversity_ratio", "fid_features", "class_accuracy", "num_samples",
+                "steps", "cfg_scale", "settings", "fid_untrained", "recipe"):
         assert key in metrics, key
-    assert metrics["fid_features"] == "digits" and metrics["num_samples"] == 100
+    assert metrics["fid_features"] == "digits" and metrics["num_samples"] == 100 and metrics["recipe"] == "dit"
+    assert metrics["steps"] == 10 and metrics["settings"] == {"steps": 10, "cfg_scale": 1.25}
     assert 0.0 <= metrics["class_accuracy"] <= 1.0 and metrics["fid"] > 0
+    assert 0.0 <= metrics["precision"] <= 1.0 and 0.0 <= metrics["recall"] <= 1.0
     assert metrics["classifier_test_accuracy"] >= 0.97  # the feature network itself is good
 
-    sweep = json.loads((run_dir / "eval" / "ddim_sweep.json").read_text())
-    assert [r["steps"] for r in sweep] == [5, 10] and all("fid" in r for r in sweep)
-    assert (run_dir / "eval" / "ddim_sweep.csv").read_text().startswith("steps,")
+    sweep = json.loads((run_dir / "eval" / "steps_sweep.json").read_text())
+    assert [r["steps"] for r in sweep] == [5, 10] and all("fid" in r and "recall" in r for r in sweep)
+    assert (run_dir / "eval" / "steps_sweep.csv").read_text().startswith("steps,")
+    assert metrics["fid@steps=5"] == sweep[0]["fid"]
+    # a quiet console: every progress line once, no Ray-internal notices, the summary, then run_dir
+    out = proc.stdout + proc.stderr
+    progress = [ln for ln in out.splitlines() if "train " in ln and "step" in ln and "%|" in ln]
+    assert progress and len(progress) == len(set(progress)), progress
+    for noise in ("PreemptionWatcher", "exclude_resources", "Matrix is singular"):
+        assert noise not in out, noise
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [10, 20, 30]
-    for png in ("eval/samples.png", "eval/ddim_sweep.png", "plots/training.png", "samples/step_0000015.png",
+    for png in ("eval/samples.png", "eval/steps_sweep.png", "eval/samples_steps5.png", "plots/training.png", "samples/step_0000015.png",
                 "samples/step_0000030.png"):
         Image.open(run_dir / png).verify()
     assert list((run_dir / "wandb").glob("offline-run-*")), "W&B must run offline without a key"

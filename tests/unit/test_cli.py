@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from raygen.recipes.dit import main
+from raygen.cli import run_job
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_bad(args, tmp_path, capsys) -> str:
     with pytest.raises(SystemExit) as exc:
-        main(args + ["--runs-root", str(tmp_path / "runs")])
+        run_job("dit", args + ["--runs-root", str(tmp_path / "runs")])
     assert exc.value.code == 2
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.yaml")), "half-written run"
     return capsys.readouterr().err
@@ -49,7 +49,7 @@ def test_unwritable_run_directory(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     with pytest.raises(SystemExit) as exc:
-        main(["--runs-root", str(blocker / "runs")])
+        run_job("dit", ["--runs-root", str(blocker / "runs")])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "cannot write the run directory" in err and "--runs-root" in err
@@ -58,5 +58,5 @@ def test_unwritable_run_directory(tmp_path, capsys):
 def test_help_lists_every_config_key():
     out = subprocess.run([sys.executable, str(ROOT / "jobs" / "dit.py"), "--help"], capture_output=True, text=True,
                          check=True).stdout
-    for key in ("method.cfg_scale", "train.ckpt_every", "eval.sweep_steps", "--preset", "--runs-root"):
+    for key in ("method.cfg_scale", "train.ckpt_every", "eval.sweep", "--preset", "--runs-root"):
         assert key in out

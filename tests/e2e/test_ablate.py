@@ -16,7 +16,7 @@ from PIL import Image
 
 from raygen.tune import sweep as sw
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ABLATE = [sys.executable, str(ROOT / "jobs" / "ablate.py")]
 
 

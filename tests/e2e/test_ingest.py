@@ -310,7 +310,7 @@ def test_dit_and_drifting_train_on_a_latent_store(ray_cluster, tiny_vae, tmp_pat
 
     store = encode("encode_latents", "vae", ["--preset", "digits", f"encoder.model={tiny_vae}",
                                              f"store.path={tmp_path / 'digits'}"])
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, str(root / "jobs" / "dit.py"), "--preset", "latent_smoke",
                            f"data.path={store}", "eval.num_samples=20", "eval.sweep_steps=[]",
                            "--runs-root", str(tmp_path)], capture_output=True, text=True, timeout=900,
