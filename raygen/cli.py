@@ -10,90 +10,11 @@ fix. The last line a job prints is `run_dir: <absolute path>`.
 """
 from __future__ import annotations
 
-import argparse
-import logging
-import os
 import sys
-import time
-from importlib import resources
 from pathlib import Path
 
-from raygen.config import ConfigError, all_keys, load_config, write_config
-
-
-def preset_dir(recipe: str) -> Path:
-    return Path(str(resources.files("raygen") / "configs" / recipe))
-
-
-def parse_args(recipe: str, config_cls, argv=None) -> argparse.Namespace:
-    presets = sorted(p.stem for p in preset_dir(recipe).glob("*.yaml"))
-    p = argparse.ArgumentParser(
-        prog=f"jobs/{recipe}.py",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (set with key=value):\n  " + "\n  ".join(all_keys(config_cls)),
-    )
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--preset", help=f"a shipped preset: {', '.join(presets)} (default: default)")
-    src.add_argument("--config", help="a YAML config file (same keys as the presets)")
-    p.add_argument("--runs-root", default=os.environ.get("RAYGEN_RUNS", "runs"),
-                   help="where run directories go (default: ./runs or $RAYGEN_RUNS)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    return p.parse_intermixed_args(argv)
-
-
-def resolve_run_dir(runs_root: str, recipe: str, name: str | None, preset: str | None) -> tuple[Path, bool]:
-    """runs/<recipe>/<YYYYmmdd-HHMMSS>-<name>. A run with an explicit name that already exists is
-    resumed (the newest one with that name); unnamed runs always start fresh."""
-    root = Path(runs_root).expanduser().resolve() / recipe
-    if name:
-        if "/" in name or name.startswith("."):
-            raise ConfigError(f"run.name={name!r} must be a plain directory name")
-        existing = sorted(root.glob(f"*-{name}")) if root.is_dir() else []
-        existing = [d for d in existing if d.name[:15].replace("-", "").isdigit()]
-        if existing:
-            return existing[-1], True
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir = root / f"{stamp}-{name or preset or 'default'}"
-    n = 1
-    while run_dir.exists():  # two unnamed runs started in the same second
-        n += 1
-        run_dir = root / f"{stamp}-{name or preset or 'default'}-{n}"
-    return run_dir, False
-
-
-def prepare_run_dir(run_dir: Path) -> None:
-    """Create the run directory, proving it is writable before any work starts."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write_probe{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(
-            f"cannot write the run directory {run_dir}: {e.strerror or e}; pass --runs-root <writable dir>"
-        ) from None
-
-
-def init_ray() -> None:
-    """Connect to the cluster named by RAY_ADDRESS (`ray job submit` sets it), else start a local one."""
-    from raygen.core import console
-
-    console.quiet_driver()  # before `import ray`: Ray reads its log-forwarding settings on import
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, configure_logging=False,
-                 runtime_env=console.runtime_env())
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # reproducible data order, hence exact resume
-    ctx.enable_progress_bars = False  # one progress bar (training) instead of one per epoch
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "...disabled": we know
-    ctx.print_on_execution_start = False  # and no two log lines per epoch
-
-
-def fail(msg: str, code: int = 2):
-    print(f"error: {msg}", file=sys.stderr, flush=True)
-    raise SystemExit(code)
+from raygen.config import ConfigError, load_config, write_config
+from raygen.core.job import fail, init_ray, parse_args, prepare_run_dir, preset_dir, report, resolve_run_dir
 
 
 def load_resolved(recipe, *, preset=None, config_file=None, overrides=()):
@@ -176,15 +97,3 @@ def main(argv=None) -> None:
         run_job(argv[0], argv[1:])
 
 
-def report(run_dir: Path, metrics: dict) -> None:
-    """Tell the user where everything went; the last line is `run_dir: <path>`."""
-    run_dir = Path(run_dir)
-    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()
-             if not isinstance(v, (dict, list)) and "@" not in k}
-    if shown:
-        print("eval: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
-    for rel in ("config.yaml", "metrics.jsonl", "net_ema.pt", "checkpoints", "samples", "plots", "eval",
-                "tensorboard", "wandb"):
-        if (run_dir / rel).exists():
-            print(f"  {rel:<14} {run_dir / rel}")
-    print(f"run_dir: {run_dir}", flush=True)

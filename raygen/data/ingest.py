@@ -331,7 +331,7 @@ def main(recipe: str, encoder_kind: Literal["vae", "siglip"], argv=None) -> Path
     """`jobs/encode_latents.py` / `jobs/encode_siglip.py`: the store directory is the run directory,
     named by the source, split, model and resolution unless store.path is set, so the same command
     run again resumes the same store."""
-    from raygen.cli import fail, init_ray, parse_args, preset_dir, prepare_run_dir
+    from raygen.core.job import fail, init_ray, parse_args, preset_dir, prepare_run_dir
     from raygen.config import load_config
     from raygen.data.tiny_models import resolve_model
 

@@ -93,7 +93,7 @@ def inspect(cfg: InspectConfig) -> Path:
 def main(argv=None) -> Path:
     import argparse
 
-    from raygen.cli import fail
+    from raygen.core.job import fail
     from raygen.config import all_keys, load_config
 
     p = argparse.ArgumentParser(prog="jobs/inspect_latents.py", formatter_class=argparse.RawDescriptionHelpFormatter,

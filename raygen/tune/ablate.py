@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def prepare_sweep_dir(spec: sw.SweepSpec, sweep_dir: Path) -> bool:
     """Create the sweep directory or check it holds this very sweep; True when resuming."""
-    from raygen.cli import prepare_run_dir
+    from raygen.core.job import prepare_run_dir
 
     stored = sweep_dir / "sweep.yaml"
     mine = sw.spec_dict(spec)
@@ -171,7 +171,7 @@ def run_sweep(spec: sw.SweepSpec, sweep_dir: Path, trials: list[sw.Trial], concu
 
 
 def main(argv=None) -> Path:
-    from raygen.cli import fail, init_ray
+    from raygen.core.job import fail, init_ray
     from raygen.tune.report import write_report
 
     args = parse_args(argv)

@@ -187,7 +187,7 @@ def resource_overrides(spec: SweepSpec) -> dict:
 
 def base_raw(spec: SweepSpec) -> dict:
     """The base config every trial starts from (preset or file, then the sweep's overrides) as a dict."""
-    from raygen.cli import preset_dir
+    from raygen.core.job import preset_dir
 
     cls = recipe(spec.recipe).config
     if spec.eval_only and spec.eval_only.from_run:
