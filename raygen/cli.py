@@ -131,6 +131,7 @@ def main(argv=None) -> None:
     jobs = {"drifting": "raygen.recipes.drifting:main", "latent_mae": "raygen.recipes.latent_mae:main",
             "dit": "raygen.recipes.dit:main", "encode_latents": "raygen.data.ingest:encode_latents",
             "encode_siglip": "raygen.data.ingest:encode_siglip", "inspect_latents": "raygen.data.inspect:main",
+            "encode_pixels": "raygen.data.ingest:encode_pixels",
             "ablate": "raygen.tune.ablate:main", "report": "raygen.tune.report:main"}
     if not argv or argv[0] not in jobs:
         fail(f"usage: raygen <{'|'.join(jobs)}> [--preset NAME | --config FILE] [key=value ...]")
