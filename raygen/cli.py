@@ -76,6 +76,7 @@ def run_job(name: str, argv=None) -> Path:
 
 
 DATA_JOBS = {"encode_latents": "raygen.data.ingest:encode_latents", "encode_siglip": "raygen.data.ingest:encode_siglip",
+             "encode_pixels": "raygen.data.ingest:encode_pixels",
              "inspect_latents": "raygen.data.inspect:main", "ablate": "raygen.tune.ablate:main",
              "report": "raygen.tune.report:main"}
 

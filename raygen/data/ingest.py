@@ -4,6 +4,12 @@ streams, so memory stays bounded at any dataset size, and decode overlaps encode
 
     listing (driver)  ->  Decoder x decode_actors  ->  VAEEncoder | SigLIPEncoder x actors  ->  write_shard tasks
 
+A pixel store (`jobs/encode_pixels.py`) is the same pipeline without the encoder stage: the decode
+actors' cropped images are written as uint8 `image` [C,H,W] arrays, for training in pixel space
+(e.g. EDM, arXiv:2206.00364) at memory-map speed.
+
+    listing (driver)  ->  Decoder x decode_actors (uint8 [C,H,W])  ->  write_shard tasks
+
 Resume: the listing is deterministic and every shard records its listing indices, so a re-run
 encodes only the indices no complete shard holds (nothing duplicated, nothing missing).
 """
@@ -67,6 +73,37 @@ class IngestConfig:
     ingest: PipelineConfig = field(default_factory=PipelineConfig)
 
 
+@dataclass
+class PixelStoreConfig:
+    path: str | None = None  # default: <runs-root>/stores/<source>-<split>-pixels-<resolution>
+    shard_size: int = 1024  # items per shard file
+
+    def validate(self):
+        if self.shard_size < 1:
+            raise ConfigError(f"store.shard_size must be >= 1, got {self.shard_size}")
+
+
+@dataclass
+class PixelIngestConfig:
+    """`jobs/encode_pixels.py`: the latent ingest's source, transform and pipeline sections, no encoder.
+    Items are stored as uint8 [C,H,W] RGB after the transform (crop, resize, optional augmentation)."""
+    source: SourceConfig = field(default_factory=SourceConfig)
+    transform: TransformConfig = field(default_factory=TransformConfig)
+    store: PixelStoreConfig = field(default_factory=PixelStoreConfig)
+    ingest: PipelineConfig = field(default_factory=PipelineConfig)
+    seed: int = 0  # random crops/flips of item i draw from (seed, i): identical on any re-run
+
+    def validate(self):
+        if self.transform.kind == "none":
+            raise ConfigError("transform.kind=none keeps every image's size, but a pixel store holds one size; "
+                              "use transform.kind=center_crop_adm (or resize_center_crop, random_resized_crop)")
+
+
+def item_seed(cfg) -> int:
+    """The seed of per-item augmentation draws: `encoder.seed` (latent/SigLIP ingest) or `seed` (pixels)."""
+    return cfg.seed if isinstance(cfg, PixelIngestConfig) else cfg.encoder.seed
+
+
 # ---------------------------------------------------------------- stages
 
 
@@ -75,7 +112,7 @@ class Decoder:
     RGB, crop (transform config), and prepare the encoder's input. A bad item becomes a row with
     `error` set and a zero placeholder (on_error=skip) or stops the pipeline naming the file."""
 
-    def __init__(self, cfg: IngestConfig, listing_kind: str, info: dict, encoder_kind: str):
+    def __init__(self, cfg: IngestConfig | PixelIngestConfig, listing_kind: str, info: dict, encoder_kind: str):
         self.cfg, self.kind = cfg, encoder_kind
         self.reader = ItemReader(listing_kind, info, cfg.source)
         self.processor = None
@@ -85,6 +122,9 @@ class Decoder:
             self.processor = load_processor(cfg.encoder.model, cfg.encoder.subfolder)
 
     def _prepare(self, images: list[np.ndarray]) -> dict:
+        if self.kind == "pixels":  # the store's array itself: uint8 [C,H,W], channel-first like the latents
+            u8 = np.clip(np.rint(np.stack(images) * 255.0), 0, 255).astype(np.uint8)
+            return {"image": np.ascontiguousarray(u8.transpose(0, 3, 1, 2))}
         if self.kind == "vae":  # VAE input: NCHW in [-1, 1]
             x = np.stack(images).transpose(0, 3, 1, 2) * 2.0 - 1.0
             return {"image": np.ascontiguousarray(x, dtype=np.float32)}
@@ -93,7 +133,7 @@ class Decoder:
         return dict(self.processor(images=u8, return_tensors="np"))
 
     def __call__(self, batch: dict) -> dict:
-        tcfg, seed = self.cfg.transform, self.cfg.encoder.seed
+        tcfg, seed = self.cfg.transform, item_seed(self.cfg)
         images, errors = [], []
         for index, key in zip(batch["index"], batch["key"]):
             try:
@@ -129,20 +169,20 @@ class DecodeEncode:
 # ---------------------------------------------------------------- driver
 
 
-def fingerprint(cfg: IngestConfig) -> str:
+def fingerprint(cfg: IngestConfig | PixelIngestConfig) -> str:
     """What determines the store's content (not its speed): a re-run must match it to resume."""
     d = to_dict(cfg)
     for k in ("batch_size", "actors", "gpus_per_actor", "cpus_per_actor", "channels_last"):
-        d["encoder"].pop(k, None)
+        d.get("encoder", {}).pop(k, None)
     d.pop("ingest")
-    d["store"] = {k: d["store"][k] for k in ("dtype", "flip_copies")}
+    d["store"] = {k: d["store"][k] for k in ("dtype", "flip_copies") if k in d["store"]}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def default_store_path(cfg: IngestConfig, runs_root: str, encoder_kind: str) -> Path:
+def default_store_path(cfg: IngestConfig | PixelIngestConfig, runs_root: str, encoder_kind: str) -> Path:
     src = cfg.source
     name = src.kind if src.kind in ("digits", "shapes") else Path(str(src.path).rstrip("/")).stem
-    parts = [name, src.split, describe_model(cfg.encoder.model),
+    parts = [name, src.split, "pixels" if encoder_kind == "pixels" else describe_model(cfg.encoder.model),
              str(cfg.transform.resolution) if cfg.transform.kind != "none" else None]
     return Path(runs_root).expanduser().resolve() / "stores" / "-".join(p for p in parts if p)
 
@@ -173,17 +213,22 @@ def resolve_resources(cfg: IngestConfig) -> tuple[int, float, int, bool]:
     return actors, gpa, decoders, False
 
 
-def run_ingest(cfg: IngestConfig, store_dir: Path, encoder_kind: Literal["vae", "siglip"]) -> dict:
-    """Encode every listed item not yet in a shard, then write meta.json and skipped.jsonl."""
+def run_ingest(cfg: IngestConfig | PixelIngestConfig, store_dir: Path,
+               encoder_kind: Literal["vae", "siglip", "pixels"]) -> dict:
+    """Encode (or, for pixels, only decode and crop) every listed item not yet in a shard, then write
+    meta.json and skipped.jsonl."""
     import ray.data
 
     from raygen.core.progress import Progress
 
     store_dir = Path(store_dir)
-    if encoder_kind == "vae" and cfg.transform.kind == "none":
-        raise ConfigError("transform.kind=none keeps every image's size, but VAE batches need one size; "
+    pixels = encoder_kind == "pixels"
+    if cfg.transform.kind == "none" and encoder_kind in ("vae", "pixels"):
+        what = "a pixel store holds one size" if pixels else "VAE batches need one size"
+        raise ConfigError(f"transform.kind=none keeps every image's size, but {what}; "
                           "use transform.kind=center_crop_adm (or resize_center_crop, random_resized_crop)")
-    encoder_meta = _encoder_meta(cfg, encoder_kind)  # loads the model on the driver: a bad id fails here, clearly
+    # loads the model on the driver: a bad id fails here, clearly
+    encoder_meta = _pixels_meta(cfg) if pixels else _encoder_meta(cfg, encoder_kind)
     listing = list_source(cfg.source, on_error=cfg.ingest.on_error)
     if len(listing.keys) == 0:
         raise ConfigError(f"source {cfg.source.path or cfg.source.kind!r} lists no items; check source.path and source.split")
@@ -191,12 +236,18 @@ def run_ingest(cfg: IngestConfig, store_dir: Path, encoder_kind: Literal["vae", 
     store_io.remove_temp_shards(store_dir)
     done = store_io.done_indices(store_dir)
     todo = np.setdiff1d(np.arange(len(listing.keys)), done)
-    actors, gpa, decoders, fused = resolve_resources(cfg)
-    arrays = {"vae": ["latent"] + (["latent_flip"] if cfg.store.flip_copies else []),
-              "siglip": ["pooled", "tokens"]}[encoder_kind]
-    layout = (f"{actors} actors decoding + encoding on CPU" if fused else
-              f"{decoders} decode actors -> {actors} encoder actors" + (f" x {gpa:g} GPU" if gpa else " on CPU"))
-    print(f"ingest: {len(listing.keys)} items listed, {len(done)} already in {store_dir}, {len(todo)} to encode "
+    if pixels:
+        actors, gpa, decoders, fused = 0, 0.0, resolve_decoders(cfg), False
+        arrays = ["image"]
+        layout = f"{decoders} decode actors writing uint8 [C,H,W] images"
+    else:
+        actors, gpa, decoders, fused = resolve_resources(cfg)
+        arrays = {"vae": ["latent"] + (["latent_flip"] if cfg.store.flip_copies else []),
+                  "siglip": ["pooled", "tokens"]}[encoder_kind]
+        layout = (f"{actors} actors decoding + encoding on CPU" if fused else
+                  f"{decoders} decode actors -> {actors} encoder actors" + (f" x {gpa:g} GPU" if gpa else " on CPU"))
+    verb = "decode" if pixels else "encode"
+    print(f"ingest: {len(listing.keys)} items listed, {len(done)} already in {store_dir}, {len(todo)} to {verb} "
           f"({layout})", file=sys.stderr, flush=True)
     if "max_num_patches" in encoder_meta.get("processor", {}):
         arrays.append("token_mask")  # SigLIP2 pads a variable number of patches: the mask says which are real
@@ -204,9 +255,14 @@ def run_ingest(cfg: IngestConfig, store_dir: Path, encoder_kind: Literal["vae", 
     if len(todo):
         keys = np.asarray(listing.keys, dtype=object)
         items = [{"index": int(i), "key": str(keys[i]), "label": int(listing.labels[i])} for i in todo]
-        ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(todo) // cfg.encoder.batch_size, 256)))
+        per_block = cfg.ingest.decode_batch_size if pixels else cfg.encoder.batch_size
+        ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(todo) // per_block, 256)))
         stage_args = (cfg, listing.kind, listing.info, encoder_kind)
-        if fused:
+        if pixels:  # no encoder: the decode stage's output is what the shards hold
+            ds = ds.map_batches(Decoder, fn_constructor_args=stage_args, batch_size=cfg.ingest.decode_batch_size,
+                                batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=decoders),
+                                num_cpus=cfg.ingest.cpus_per_decoder)
+        elif fused:
             ds = ds.map_batches(DecodeEncode, fn_constructor_args=stage_args, batch_size=cfg.encoder.batch_size,
                                 batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
                                 num_cpus=cfg.encoder.cpus_per_actor)
@@ -221,7 +277,7 @@ def run_ingest(cfg: IngestConfig, store_dir: Path, encoder_kind: Literal["vae", 
         ds = ds.map_batches(store_io.write_rows, fn_kwargs={"store_dir": str(store_dir), "arrays": arrays,
                                                            "crash_after": cfg.ingest.crash_after_shards},
                             batch_size=cfg.store.shard_size, batch_format="numpy", num_cpus=0)
-        bar = Progress(len(todo), 0, "encode", unit="img")
+        bar = Progress(len(todo), 0, verb, unit="img")
         n = 0
         ctx = ray.data.DataContext.get_current()
         keep_order, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, False
@@ -231,7 +287,20 @@ def run_ingest(cfg: IngestConfig, store_dir: Path, encoder_kind: Literal["vae", 
                 bar.update(n, force=n == len(todo))
         finally:
             ctx.execution_options.preserve_order = keep_order
-    return finalize(cfg, store_dir, listing, encoder_meta, arrays, seconds=time.perf_counter() - t0)
+    kind = "pixels" if pixels else ("latents" if encoder_kind == "vae" else "siglip")
+    return finalize(cfg, store_dir, listing, encoder_meta, arrays, seconds=time.perf_counter() - t0, kind=kind)
+
+
+def resolve_decoders(cfg: PixelIngestConfig) -> int:
+    """Decode actors of a pixel ingest: `ingest.decode_actors`, or every CPU of the cluster (the shard
+    writers take no CPU reservation)."""
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    p = cfg.ingest
+    if p.cpus_per_decoder > cpus:
+        raise ConfigError(f"ingest.cpus_per_decoder={p.cpus_per_decoder:g} but the cluster has {cpus} CPUs; lower it")
+    return p.decode_actors or max(1, int(cpus // p.cpus_per_decoder))
 
 
 def _encoder(cfg: IngestConfig, kind: str):
@@ -268,7 +337,8 @@ def _check_resume(cfg: IngestConfig, store_dir: Path, listing: Listing) -> None:
     dump_yaml(cfg, store_dir / "config.yaml")
 
 
-def finalize(cfg, store_dir: Path, listing: Listing, encoder_meta: dict, arrays: list[str], seconds: float) -> dict:
+def finalize(cfg, store_dir: Path, listing: Listing, encoder_meta: dict, arrays: list[str], seconds: float,
+             kind: str | None = None) -> dict:
     """meta.json + skipped.jsonl from the shards (the source of truth) and the listing's problems."""
     skipped = listing.problems + store_io.collect_skipped(store_dir)
     store_io.write_skipped(store_dir, skipped)
@@ -285,10 +355,13 @@ def finalize(cfg, store_dir: Path, listing: Listing, encoder_meta: dict, arrays:
     for s in skipped:
         head = s["reason"].split(":")[0].split(" (")[0]
         reasons[head] = reasons.get(head, 0) + 1
+    if kind is None:
+        kind = "latents" if "scaling_factor" in encoder_meta else "siglip"
     meta = {
         "format": "raygen-store/1 (NPY shards)",
-        "kind": "latents" if "scaling_factor" in encoder_meta else "siglip",
-        "encoder": encoder_meta,
+        "kind": kind,
+        # a pixel store has no encoder: its `pixels` section says how the uint8 arrays map to model input
+        ("pixels" if kind == "pixels" else "encoder"): encoder_meta,
         "source": {**to_dict(cfg.source), "resolved_kind": listing.kind, "info": listing.info},
         "preprocessing": to_dict(cfg.transform),
         "class_names": listing.class_names,
@@ -300,6 +373,11 @@ def finalize(cfg, store_dir: Path, listing: Listing, encoder_meta: dict, arrays:
     }
     store_io.write_meta(store_dir, meta)
     return meta
+
+
+def _pixels_meta(cfg: PixelIngestConfig) -> dict:
+    return {"layout": "CHW", "dtype": "uint8", "channels": "RGB", "value_range": [0, 255],
+            "model_input": "image / 127.5 - 1 (float32 in [-1, 1])", "seed": cfg.seed}
 
 
 def _encoder_meta(cfg, kind: str) -> dict:
@@ -327,21 +405,23 @@ def _encoder_meta(cfg, kind: str) -> dict:
     return out
 
 
-def main(recipe: str, encoder_kind: Literal["vae", "siglip"], argv=None) -> Path:
-    """`jobs/encode_latents.py` / `jobs/encode_siglip.py`: the store directory is the run directory,
-    named by the source, split, model and resolution unless store.path is set, so the same command
-    run again resumes the same store."""
+def main(recipe: str, encoder_kind: Literal["vae", "siglip", "pixels"], argv=None) -> Path:
+    """`jobs/encode_latents.py` / `jobs/encode_siglip.py` / `jobs/encode_pixels.py`: the store directory
+    is the run directory, named by the source, split, model (or `pixels`) and resolution unless
+    store.path is set, so the same command run again resumes the same store."""
     from raygen.core.job import fail, init_ray, parse_args, preset_dir, prepare_run_dir
     from raygen.config import load_config
     from raygen.data.tiny_models import resolve_model
 
-    args = parse_args(recipe, IngestConfig, argv)
+    config_cls = PixelIngestConfig if encoder_kind == "pixels" else IngestConfig
+    args = parse_args(recipe, config_cls, argv)
     try:
-        cfg, _ = load_config(IngestConfig, preset=args.preset, preset_dir=preset_dir(recipe),
+        cfg, _ = load_config(config_cls, preset=args.preset, preset_dir=preset_dir(recipe),
                              config_file=args.config, overrides=args.overrides)
         store_dir = Path(cfg.store.path).expanduser().resolve() if cfg.store.path else \
             default_store_path(cfg, args.runs_root, encoder_kind)
-        cfg.encoder.model = resolve_model(cfg.encoder.model)
+        if encoder_kind != "pixels":
+            cfg.encoder.model = resolve_model(cfg.encoder.model)
         prepare_run_dir(store_dir)
         init_ray()
         meta = run_ingest(cfg, store_dir, encoder_kind)
@@ -369,6 +449,10 @@ def encode_latents(argv=None) -> Path:
 
 def encode_siglip(argv=None) -> Path:
     return main("encode_siglip", "siglip", argv)
+
+
+def encode_pixels(argv=None) -> Path:
+    return main("encode_pixels", "pixels", argv)
 
 
 def _find(e: BaseException, cls):

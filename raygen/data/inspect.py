@@ -40,7 +40,7 @@ def find_store(path: str) -> Path:
         import yaml
 
         data = (yaml.safe_load(cfg.read_text()) or {}).get("data", {})
-        if data.get("source") == "latents" and data.get("path"):
+        if data.get("source") in ("latents", "store") and data.get("path"):
             return find_store(data["path"])
     raise ConfigError(f"run_or_store={path!r} is neither a store (no meta.json) nor a run trained on a latent store")
 

@@ -27,12 +27,14 @@ class ClassIndexedData:
     def __init__(self, data_cfg: image_data.ImageDataConfig, flips: str = "random"):
         self.cfg, self.flips = data_cfg, flips
         self.images: Optional[np.ndarray] = None
-        if data_cfg.source == "latents":
+        if data_cfg.source in image_data.STORE_SOURCES:
             store = Store(data_cfg.path)
-            self.labels = store.labels
-            self._arrays = [store.array("latent")]
-            if flips == "random" and "latent_flip" in store.array_names:
-                self._arrays.append(store.array("latent_flip"))
+            name = image_data.STORE_ARRAY[store.meta["kind"]]
+            self.pixels = name == "image"  # uint8 pixels: scaled to [-1, 1] as they are read
+            self.labels = image_data.store_labels(store.meta, store.labels)
+            self._arrays = [store.array(name)]
+            if flips == "random" and f"{name}_flip" in store.array_names:
+                self._arrays.append(store.array(f"{name}_flip"))
             self.num_classes = len(store.class_names)
             self.by_class = [store.class_indices(c) for c in range(self.num_classes)]
         else:
@@ -57,6 +59,8 @@ class ClassIndexedData:
                 sel = np.flatnonzero(pick == k)
                 if len(sel):
                     out[sel] = arr[flat[sel]]
+            if self.pixels:
+                out = out / 127.5 - 1.0
         return out.reshape(*idx.shape, *out.shape[1:])
 
     def sample(self, classes: np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray:

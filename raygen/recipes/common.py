@@ -28,7 +28,7 @@ class ImageTask(Task):
         self.sample_shape = (image_data.channels(data), data.resolution, data.resolution)
         # latent runs decode samples through the store's VAE; FID/accuracy then use the pixel source
         self.pixel_data = image_data.pixel_source(data)
-        self.store_meta = image_data.store_meta(data) if data.source == "latents" else None
+        self.store_meta = image_data.store_meta(data) if image_data.is_latent_store(data) else None
         pixel_res = self.store_meta["preprocessing"]["resolution"] if self.store_meta else data.resolution
         self.preview_upscale = max(1, 64 // pixel_res)
 

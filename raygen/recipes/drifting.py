@@ -197,7 +197,7 @@ class DriftingTask(ImageTask):
     def cache_real(self) -> bool:
         """Whether the real samples' features are computed once and gathered by index (FeatureConfig)."""
         f = self.cfg.features
-        if not f.cache_real or self.cfg.data.source == "latents" or self.mae_export is None:
+        if not f.cache_real or self.cfg.data.source in image_data.STORE_SOURCES or self.mae_export is None:
             return False
         keys = self.mae_net("meta").feature_keys(f.maps, tuple(f.patch_sizes), f.input_keys)
         per_item = sum(L * C for L, C in keys.values()) * 4

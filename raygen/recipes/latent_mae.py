@@ -101,7 +101,7 @@ def first_per_class(data_cfg, num_classes: int):
     """One model-ready training example per class, [num_classes, C, H, W] float32."""
     import numpy as np
 
-    if data_cfg.source == "latents":
+    if image_data.is_latent_store(data_cfg):
         from raygen.data.store import Store
 
         store = Store(data_cfg.path)

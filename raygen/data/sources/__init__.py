@@ -1,0 +1,282 @@
+"""Image sources: what a dataset contains (a *listing*) and how to read one item of it.
+
+A listing is the deterministic, sorted list of items a source contains, made on the driver before
+anything is decoded: keys (stable ids shown to users), int64 labels (-1 = unlabeled), class names,
+and every problem met while listing (nothing is silently ignored). Decoding one item happens later,
+in worker processes, through an `ItemReader` built from the listing's JSON-serialisable `info`.
+
+Kinds:
+  class_folders  `<path>/[<split>/]<class>/<files>` (ImageNet layout), labels = sorted class folders
+  folder         any tree of files; labels from an EDM `dataset.json`, from top-level subfolders, or none
+  zip            the same as folder, inside one .zip file (members are keys)
+  npy            a .npy/.npz file or a directory of them: image stacks or volumes sliced into images
+  digits/shapes  the embedded data sets of `raygen.data.embedded`
+
+Key formats: files `rel/path.jpg` (relative to `source.path`, posix separators); zip members by
+name; npy `file.npy#<i>` (image i, or slice i of a single volume) and `file.npy#<n>/<s>` (slice s
+of volume n of a 4-D stack); embedded `digits/<split>/<index:06d>`, `shapes/<split>/<index:06d>`.
+
+Modules: `common` (Listing, problems, decoding), `folders` (class_folders, folder), `edm_zip` (zip,
+dataset.json labels), `arrays` (npy), `embedded_kind` (digits, shapes). This module holds the
+config, the kind resolution, `list_source` and `ItemReader`, which dispatch to them.
+"""
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+from PIL import Image
+
+from raygen.config import ConfigError
+from raygen.data import embedded
+from raygen.data.sources.arrays import list_npy, read_npy
+from raygen.data.sources.common import (
+    ARRAY_EXTENSIONS,
+    IMAGE_EXTENSIONS,
+    PATH_KINDS,
+    Listing,
+    Problems,
+    is_hidden,
+    path_hint,
+)
+from raygen.data.sources.edm_zip import list_zip, read_zip
+from raygen.data.sources.embedded_kind import SHAPES_TEST_SEED_OFFSET, embedded_arrays, list_embedded, read_embedded
+from raygen.data.sources.folders import list_class_folders, list_folder, only_arrays, read_file
+
+__all__ = [
+    "ARRAY_EXTENSIONS",
+    "IMAGE_EXTENSIONS",
+    "PATH_KINDS",
+    "SHAPES_TEST_SEED_OFFSET",
+    "ItemReader",
+    "Listing",
+    "SourceConfig",
+    "export_embedded",
+    "list_source",
+    "resolve_kind",
+    "write_image_folder",
+]
+
+
+@dataclass
+class SourceConfig:
+    kind: Literal["auto", "class_folders", "folder", "zip", "npy", "digits", "shapes"] = "digits"
+    path: Optional[str] = None
+    # class_folders: images in <path>/<split>/<class>/* (None: <path>/<class>/*); digits/shapes: train|test
+    split: Optional[str] = None
+    # folder/zip: auto = dataset.json if present, else subfolders if there are any, else none
+    labels: Literal["auto", "dataset_json", "subfolders", "none"] = "auto"
+    npy_axis: int = 0  # volumes are sliced along this axis of each volume (see list_source)
+    # npy: fixed [lo, hi] window mapped to [0, 1]; None = global min/max over the whole source
+    intensity: Optional[list[float]] = None
+    resolution: int = 32  # digits/shapes: generated size
+    num_images: int = 4096  # shapes
+    seed: int = 0  # shapes
+
+    def validate(self):
+        kind = resolve_kind(self)  # checks path for the path-based kinds (and auto)
+        if kind in PATH_KINDS:
+            _validate_path(kind, self)
+        if kind in ("digits", "shapes"):
+            if self.split not in (None, "train", "test"):
+                raise ConfigError(f"source.split must be train or test for source.kind={kind}, got {self.split!r}")
+            if self.resolution < 4:
+                raise ConfigError(f"source.resolution must be >= 4, got {self.resolution}")
+            if kind == "shapes" and self.num_images < 1:
+                raise ConfigError(f"source.num_images must be >= 1, got {self.num_images}")
+        if self.labels == "dataset_json" and kind not in ("folder", "zip"):
+            raise ConfigError(
+                f"source.labels=dataset_json only applies to folder/zip sources, not {kind}; use source.labels=auto"
+            )
+        if not -3 <= self.npy_axis <= 2:
+            raise ConfigError(f"source.npy_axis must be an axis of a [D,H,W] volume (-3..2), got {self.npy_axis}")
+        if self.intensity is not None and (len(self.intensity) != 2 or not self.intensity[0] < self.intensity[1]):
+            raise ConfigError(
+                f"source.intensity must be [lo, hi] with lo < hi (e.g. source.intensity=[-1000,1000]) "
+                f"or null for the global min/max, got {self.intensity}"
+            )
+
+
+def _validate_path(kind: str, cfg: SourceConfig):
+    p = Path(cfg.path)
+    layouts = {
+        "class_folders": "a directory <path>/[<split>/]<class>/<images>",
+        "folder": "a directory of images (optionally with dataset.json or class subfolders)",
+        "zip": "a .zip file of images",
+        "npy": "a .npy/.npz file or a directory of them",
+    }
+    expect = f"source.kind={kind} expects {layouts[kind]}"
+    if kind in ("class_folders", "folder") and not p.is_dir():
+        raise ConfigError(f"source.path={cfg.path!r} is not a directory; {expect}")
+    if kind == "zip" and not (p.is_file() and zipfile.is_zipfile(p)):
+        raise ConfigError(f"source.path={cfg.path!r} is not a readable zip file; {expect}")
+    if kind == "npy" and not (p.is_dir() or (p.is_file() and p.suffix.lower() in ARRAY_EXTENSIONS)):
+        raise ConfigError(f"source.path={cfg.path!r} is not a .npy/.npz file or a directory; {expect}")
+    if kind == "class_folders" and cfg.split is not None and not (p / cfg.split).is_dir():
+        raise ConfigError(
+            f"source.split={cfg.split!r}: {p / cfg.split} is not a directory; "
+            f"set source.split to a sub-folder of source.path (e.g. train) or to null"
+        )
+
+
+def resolve_kind(cfg: SourceConfig) -> str:
+    """The concrete kind for `source.kind=auto` (other kinds pass through):
+    a .zip file -> zip; a .npy/.npz file or a directory holding only .npy/.npz -> npy;
+    a directory whose (split) sub-directory holds only directories -> class_folders; else folder."""
+    if cfg.kind != "auto":
+        if cfg.kind in PATH_KINDS and not cfg.path:
+            raise ConfigError(f"source.kind={cfg.kind} needs source.path=<{path_hint(cfg.kind)}>")
+        if cfg.kind in PATH_KINDS and not Path(cfg.path).exists():
+            raise ConfigError(f"source.path={cfg.path!r} does not exist; point it at {path_hint(cfg.kind)}")
+        return cfg.kind
+    if not cfg.path:
+        raise ConfigError(
+            "source.kind=auto needs source.path=<image folder, class-folder tree, .zip, .npy/.npz>; "
+            "or set source.kind=digits|shapes for the embedded data"
+        )
+    p = Path(cfg.path)
+    if not p.exists():
+        raise ConfigError(f"source.path={cfg.path!r} does not exist; point it at an image folder, .zip or .npy/.npz")
+    if p.is_file():
+        suffix = p.suffix.lower()
+        if suffix == ".zip":
+            return "zip"
+        if suffix in ARRAY_EXTENSIONS:
+            return "npy"
+        raise ConfigError(
+            f"source.path={cfg.path!r} is a file but not .zip/.npy/.npz ({suffix or 'no extension'}); "
+            "source.kind=auto takes a directory, a .zip or a .npy/.npz file"
+        )
+    if only_arrays(p):
+        return "npy"
+    base = p / cfg.split if cfg.split else p
+    if not base.is_dir():
+        raise ConfigError(f"source.split={cfg.split!r}: {base} is not a directory; set source.split to a sub-folder or null")
+    try:
+        entries = [e for e in os.scandir(base) if not is_hidden(e.name)]
+    except OSError as e:
+        raise ConfigError(f"source.path={cfg.path!r} cannot be read ({e}); fix its permissions") from e
+    if entries and all(e.is_dir() or (e.is_symlink() and not os.path.exists(e.path)) for e in entries):
+        return "class_folders"
+    return "folder"
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def list_source(cfg: SourceConfig, on_error: str = "skip") -> Listing:
+    """The sorted listing of `cfg`. Listing-time problems (empty class folders, unreadable
+    directories, dataset.json mismatches, hidden files, ...) are recorded in `problems` with
+    on_error="skip", or raised as ConfigError naming the path and the fix with on_error="fail".
+    A source without a single item is always a ConfigError."""
+    problems = Problems(on_error)
+    cfg.validate()
+    kind = resolve_kind(cfg)
+    if kind == "class_folders":
+        listing = list_class_folders(cfg, problems)
+    elif kind == "folder":
+        listing = list_folder(cfg, problems)
+    elif kind == "zip":
+        listing = list_zip(cfg, problems)
+    elif kind == "npy":
+        listing = list_npy(cfg, problems)
+    else:
+        listing = list_embedded(cfg, kind)
+    listing.problems = problems.items
+    if not listing.keys:
+        shown = "; ".join(f"{p['path']}: {p['reason']}" for p in problems.items[:5])
+        raise ConfigError(
+            f"source.path={cfg.path!r} (source.kind={kind}) has no usable items"
+            + (f" ({shown})" if shown else "")
+            + f"; check source.path and the layout it expects ({path_hint(kind) if kind in PATH_KINDS else kind})"
+        )
+    return listing
+
+
+class ItemReader:
+    """Reads one item of a listing by key. Cheap to construct and to pickle (it carries only the
+    listing's info); open zip files, memory maps and embedded arrays are cached lazily per process."""
+
+    def __init__(self, listing_kind: str, info: dict, cfg: SourceConfig):
+        self.kind = listing_kind
+        self.info = info
+        self.cfg = cfg
+        self._cache: dict = {}
+        self._pid = os.getpid()
+
+    def __getstate__(self):
+        return {"kind": self.kind, "info": self.info, "cfg": self.cfg}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._cache, self._pid = {}, os.getpid()
+
+    def _cached(self, key, make):
+        if self._pid != os.getpid():  # forked: file handles are not shareable
+            self._cache, self._pid = {}, os.getpid()
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    def read(self, key: str) -> Image.Image:
+        if self.kind in ("class_folders", "folder"):
+            return read_file(self.info, key)
+        if self.kind == "zip":
+            return read_zip(self.info, key, self._cached)
+        if self.kind == "npy":
+            return read_npy(self.info, key, self._cached)
+        if self.kind in ("digits", "shapes"):
+            return read_embedded(self.info, key)
+        raise ValueError(f"unknown listing kind {self.kind!r}")
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def write_image_folder(images: np.ndarray, labels, class_names, out_dir, fmt: str = "jpeg", quality: int = 95,
+                       split: Optional[str] = None) -> Path:
+    """Write uint8 [N,H,W,C] images as an ImageNet-style tree
+    `<out_dir>/[<split>/]<class>/<class>_<index:06d>.jpg` and return out_dir (the
+    class_folders root). Every class gets a folder, even without images, so that the sorted folder
+    order gives labels; note the listing orders classes by name, not by `class_names` order."""
+    ext = {"jpeg": ".jpg", "jpg": ".jpg", "png": ".png"}.get(fmt.lower())
+    if ext is None:
+        raise ValueError(f"fmt must be jpeg or png, got {fmt!r}")
+    out = Path(out_dir)
+    base = out / split if split else out
+    for name in class_names:
+        if "/" in name or name.startswith(".") or not name:
+            raise ValueError(f"class name {name!r} cannot be a folder name")
+        (base / name).mkdir(parents=True, exist_ok=True)
+    images = np.asarray(images)
+    for i, (im, lab) in enumerate(zip(images, np.asarray(labels))):
+        name = class_names[int(lab)]
+        pil = Image.fromarray(im[..., 0] if im.ndim == 3 and im.shape[-1] == 1 else im)
+        kwargs = {"quality": quality} if ext == ".jpg" else {}
+        pil.save(base / name / f"{name}_{i:06d}{ext}", **kwargs)
+    return out
+
+
+def export_embedded(argv=None) -> Path:
+    """`python -m raygen.data.sources digits|shapes OUT [--resolution R] [--split S] [--num N]`: write an
+    embedded data set as an ImageNet-style JPEG tree (`OUT/<split>/<class>/*.jpg`), to try the file
+    path of every tool without downloading anything."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m raygen.data.sources", description=export_embedded.__doc__)
+    p.add_argument("source", choices=("digits", "shapes"))
+    p.add_argument("out")
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--split", default="train", choices=("train", "test"))
+    p.add_argument("--num", type=int, default=4096, help="shapes: how many")
+    p.add_argument("--format", default="jpeg", choices=("jpeg", "png"))
+    a = p.parse_args(argv)
+    images, labels = embedded_arrays(a.source, a.split, a.resolution, a.num, 0)
+    names = embedded.digits_class_names() if a.source == "digits" else embedded.shapes_class_names()
+    out = write_image_folder(images, labels, names, a.out, fmt=a.format, split=a.split)
+    print(f"wrote {len(labels)} images to {Path(out) / a.split}")
+    return out
