@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-CHUNK_BYTES = 128 * 2**20  # one block of float64 squared distances; peak use is about 3x this
+CHUNK_BYTES = 64 * 2**20  # one block of float64 squared distances; peak use is about 3x this (argpartition)
 # |fl(a.b) - a.b| <= d u |a| |b| for a d-term dot product (Higham, "Accuracy and Stability of Numerical
 # Algorithms", 2nd ed., Sec. 3.1); squared distances from the Gram expansion within this many
 # d * eps * (|a|^2 + |b|^2) of a radius are recomputed as sums of squared differences
@@ -107,11 +107,12 @@ def inside_manifold(points: np.ndarray, centres: np.ndarray, radii: np.ndarray, 
 
 
 def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, chunk: int | None = None) -> tuple[float, float]:
-    """Improved precision and recall (arXiv 1904.06991, Sec. 2, Eqs. 1-3) of `fake` against `real`.
+    """Improved precision and recall (arXiv 1904.06991, Sec. 2) of `fake` against `real`.
 
     real [N, d], fake [M, d]: feature vectors of the same extractor. k: neighbourhood size of the
     radii (the paper uses 3). chunk: rows per block of the distance matrices (None: blocks of at most
-    128 MiB of float64, so 50k x 50k sets need a few hundred MB). All arithmetic is float64.
+    64 MiB of float64: about 200 MB at peak beyond float64 copies of the inputs, whatever the set
+    sizes). All arithmetic is float64.
     Returns (precision, recall), each in [0, 1].
     """
     real, fake = _features("real", real), _features("fake", fake)
