@@ -1,8 +1,8 @@
 """Drift computation: raygen's batched `drift` (all classes x locations of a key in one set of bmm's,
-chunked) against the seed's structure (a Python loop over feature keys x classes x temperatures, each
+chunked) against a naive structure (a Python loop over feature keys x classes x temperatures, each
 iteration solving one class's [L, G, G+U+P] problems), in one process, on the same inputs. Both compute
-the official math (shared/reference/drifting.md §2.3: scale s and theta_R over the whole key batch, so
-the loop does two passes over the classes, syncing once per class for the scale as the seed does).
+the official math (docs/methods/drifting.md: scale s and theta_R over the whole key batch, so
+the loop does two passes over the classes, syncing once per class for the scale as a naive port does).
 
 Checked: both give the same V (max abs difference reported). Timed: median (and best) of --repeats runs of
 each, alternating. Peak memory above the inputs: on CUDA torch.cuda.max_memory_allocated after
@@ -31,20 +31,20 @@ sys.path.insert(0, str(ROOT))
 
 from raygen.methods.drifting import DriftConfig, cfg_weight, drift, sample_omega  # noqa: E402
 
-# One 8x8 map with 256 channels and its 7 keys (spec §2.2), a 4x4 map's per-location key, the raw latent.
+# One 8x8 map with 256 channels and its 7 keys (docs/methods/drifting.md), a 4x4 map's per-location key, the raw latent.
 KEYS = {"map8": (64, 256), "map8_mean": (1, 256), "map8_std": (1, 256), "map8_p2_mean": (16, 256),
         "map8_p2_std": (16, 256), "map8_p4_mean": (4, 256), "map8_p4_std": (4, 256), "map4": (16, 512),
         "global": (1, 1024)}
 
 
-# ---- the seed's structure: loop over keys x classes x temperatures ------------------------------------
+# ---- the naive structure: loop over keys x classes x temperatures ------------------------------------
 
 def per_class_drift(gen, pos, unc, w, temps):
     """One key, looping over classes. gen [nc, G, L, C] etc.; returns V [nc, G, L, C]."""
     nc, G, L, C = gen.shape
     U = unc.shape[1]
     as_lnc = lambda f: f.permute(1, 0, 2)  # noqa: E731  one class: [N, L, C] -> [L, N, C]
-    # pass 1: the scale over the whole key batch, class by class (an .item() sync per class, as in the seed)
+    # pass 1: the scale over the whole key batch, class by class (an .item() sync per class)
     num, den = 0.0, 0.0
     for c in range(nc):
         x, tg = as_lnc(gen[c]), torch.cat([as_lnc(gen[c]), as_lnc(unc[c]), as_lnc(pos[c])], 1)

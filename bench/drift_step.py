@@ -7,7 +7,7 @@ keys, and the backward through MAE and generator, plus the optimizer step.
 
 Each part is timed with the device synchronised around it, over `--repeats` steps after one warm-up
 step; results go to bench/results/drift_step[_<device>].json. This is a breakdown, not a comparison:
-the drift's own comparison with the seed's per-class loop is bench/drift_loss.py.
+the drift's own comparison with a per-class loop is bench/drift_loss.py.
 """
 from __future__ import annotations
 

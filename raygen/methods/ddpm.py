@@ -3,7 +3,7 @@
 
 Notation follows the papers: beta_t, alpha_t = 1 - beta_t, alpha_bar_t = prod_{s<=t} alpha_s,
 timesteps are 0-indexed (t = 0 .. T-1) as in the DiT/ADM/diffusers code bases.
-Schedules are computed in float64 and cast once (dit-ddpm.md §6).
+Schedules are computed in float64 and cast once (float32 cumulative products drift; docs/methods/ddpm.md).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 from raygen.config import ConfigError
 from raygen.core.contracts import Method
 
-# A schedule "reaches noise" when alpha_bar_T <= this (dit-ddpm.md §2.3: T=100 with the linear
+# A schedule "reaches noise" when alpha_bar_T <= this (docs/methods/ddpm.md: T=100 with the linear
 # 1e-4..0.02 betas ends at alpha_bar_T = 0.364, so sampling starts far from anything trained on).
 TERMINAL_ALPHA_BAR_MAX = 1e-3
 
@@ -29,7 +29,7 @@ class DDPMConfig:
     beta_start: float = 1e-4
     beta_end: float = 0.02
     # Short linear schedules that do not reach noise: 'error' stops with the fix, 'rescale' scales
-    # beta_end by 1000/T (dit-ddpm.md §2.3).
+    # beta_end by 1000/T (docs/methods/ddpm.md, "Short schedules").
     short_schedule: Literal["error", "rescale"] = "error"
     label_dropout: float = 0.1  # probability of the null class in training, for CFG
     # per-timestep loss weight: 'uniform' is L_simple; 'min_snr' is Min-SNR-gamma (Hang et al.,

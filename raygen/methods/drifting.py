@@ -2,13 +2,14 @@
 
 Each generated feature x_i gets a drift V_i that pulls it toward the positives of its class and pushes it
 away from the generated samples and the unconditional reals; phi(x) is regressed onto sg(phi(x) + V)
-(paper Eq. 26). Formulas follow the official code as written down in shared/reference/drifting.md (the
-"spec"); sections are cited as "spec §2.3", paper equations as "Eq. 20".
+(paper Eq. 26). Formulas follow the official release (lambertae/drifting) where it and the paper differ;
+docs/methods/drifting.md writes them out, and its section names are cited here as "docs: <section>";
+paper equations as "Eq. 20".
 
 One drift *problem* b is one (class, location) pair of one feature key: generated x [G, C], positives
 y+ [P, C], unconditional negatives y- [U, C] with CFG weight w_b. `drift` solves B problems at once
 (batched matmuls, no Python loop over classes); the scale s and the drift norms theta_R are statistics of
-the whole key batch (spec §2.3), so chunking over problems runs in two passes and does not change the
+the whole key batch (docs: The drift), so chunking over problems runs in two passes and does not change the
 result.
 
 Targets are ordered T = [x (G); y- (U); y+ (P)] with weights [1; w; 1]: the first G + U columns are the
@@ -18,9 +19,9 @@ Choices where the sources leave room (documented here, tested in tests/test_drif
 - l2_sq metric: d = ||x - T||^2, so s is a mean *squared* distance; sigma = max(sqrt(s / C), 1e-3) keeps
   E[||x^ - T^||^2] ~ C, the l2 analogue of Eq. 21 (sigma only scales the loss; V/theta does not depend on it).
 - CFG weight: `cfg_weighting` applies to every coupling except sinkhorn + weighted_cols, whose column
-  marginal already carries w (spec §2.4); `logit` is not accepted there.
+  marginal already carries w (docs: Couplings); `logit` is not accepted there.
 - Features are centred on the mean of the generated samples of each problem before the distances and
-  target sums. V is translation invariant (the W+ and W- rows have equal sums, spec §2.3), so this only
+  target sums. V is translation invariant (the W+ and W- rows have equal sums, docs: The drift), so this only
   removes fp32 cancellation for features with a large common offset (e.g. the std keys).
 """
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 from raygen.config import ConfigError
 from raygen.core.contracts import Method
 
-# Bytes of fp32 scratch one chunk of problems may use with chunk_size=0 (spec §8: the [B, G, G+U+P]
+# Bytes of fp32 scratch one chunk of problems may use with chunk_size=0 (docs: Memory; the [B, G, G+U+P]
 # matrices of the largest key are GBs when batched over all classes). On CPU smaller chunks stay in cache:
 # 16-64 problems of G=64, C=256 run 1.6x faster than 256 (measured on 1 thread, bench/drift_loss.py shapes).
 AUTO_CHUNK_BYTES = 256 * 2**20
@@ -54,20 +55,20 @@ _CHOICES = {
 
 @dataclass
 class DriftConfig:
-    """The `drift.<key>` config section. Defaults are the official baseline (spec §2.3)."""
+    """The `drift.<key>` config section. Defaults are the official baseline (docs: The drift)."""
 
     temperatures: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.2])  # R (paper rho)
-    metric: Literal["l2", "l2_sq"] = "l2"  # l2 is the baseline; l2_sq an ablation (spec §2.3 step 1)
-    # partial_two_sided: sqrt(softmax_t * softmax_i) (official); row: softmax_t; sinkhorn: spec §2.4
+    metric: Literal["l2", "l2_sq"] = "l2"  # l2 is the baseline; l2_sq an ablation (docs: The drift, step 1)
+    # partial_two_sided: sqrt(softmax_t * softmax_i) (official); row: softmax_t; sinkhorn: docs: Couplings
     coupling: Literal["partial_two_sided", "row", "sinkhorn"] = "partial_two_sided"
     partial_form: Literal["log", "kernel"] = "log"  # LSE in log space, or exp and sums (same result)
     drift_form: Literal["alg2_joint", "split"] = "alg2_joint"  # Alg. 2 joint W+/W-, or P_pos Y+ - P_neg Y-
     sinkhorn_iters: int = 20
     sinkhorn_marginal: Literal["none", "weighted_cols"] = "weighted_cols"
-    # after_norm: A *= w after normalisation (official); logit: + log w on the uncond logits (spec B4)
+    # after_norm: A *= w after normalisation (official); logit: + log w on the uncond logits (docs: CFG)
     cfg_weighting: Literal["after_norm", "logit"] = "after_norm"
-    self_mask: float = 100.0  # added to the normalised self-distance d~_ii (spec §2.3 step 3)
-    # partial_two_sided: A = sqrt(max(a_row a_col, floor)) (spec §7). Every pair keeps A >= sqrt(floor), so
+    self_mask: float = 100.0  # added to the normalised self-distance d~_ii (docs: The drift, step 3)
+    # partial_two_sided: A = sqrt(max(a_row a_col, floor)) (docs: Couplings). Every pair keeps A >= sqrt(floor), so
     # samples far from all positives are pulled toward the positives' mean (see the 2-D toy in the tests)
     affinity_floor: float = 1e-6
     chunk_size: int = 0  # problems per chunk; 0 = as many as fit AUTO_CHUNK_BYTES
@@ -89,7 +90,7 @@ class DriftConfig:
         if self.chunk_size < 0:
             raise ConfigError(f"drift.chunk_size must be >= 0 (0 = automatic), got {self.chunk_size}")
         if self.coupling == "sinkhorn" and self.partial_form == "kernel":
-            raise ConfigError("drift.coupling=sinkhorn runs in log space only (spec §2.4); set drift.partial_form=log")
+            raise ConfigError("drift.coupling=sinkhorn runs in log space only (docs: Couplings); set drift.partial_form=log")
         if self.coupling == "sinkhorn" and self.sinkhorn_marginal == "weighted_cols" and self.cfg_weighting == "logit":
             raise ConfigError("drift.cfg_weighting=logit would apply w twice: sinkhorn_marginal=weighted_cols already "
                               "puts w in the column marginal; set drift.cfg_weighting=after_norm or "
@@ -99,7 +100,7 @@ class DriftConfig:
 
 
 def check_feasible(cfg: DriftConfig, omega_min: float) -> None:
-    """Raise ConfigError if some omega >= omega_min makes the coupling infeasible (spec §2.4)."""
+    """Raise ConfigError if some omega >= omega_min makes the coupling infeasible (docs: Couplings)."""
     if cfg.coupling == "sinkhorn" and cfg.sinkhorn_marginal == "none" and omega_min <= 1.0:
         raise ConfigError(
             f"drift.coupling=sinkhorn with drift.sinkhorn_marginal=none has infeasible marginals at omega <= 1 "
@@ -107,7 +108,7 @@ def check_feasible(cfg: DriftConfig, omega_min: float) -> None:
             f"marginal demands 1/T of it on each; set drift.sinkhorn_marginal=weighted_cols or omega_min > 1")
 
 
-# ---- CFG (spec §2.1, §2.3) -----------------------------------------------------------------------------
+# ---- CFG (docs: CFG) -----------------------------------------------------------------------------
 
 def cfg_weight(omega, G: int, U: int):
     """w = (omega - 1)(G - 1)/U: the uncond mass fraction U w / ((G-1) + U w) is (omega - 1)/omega."""
@@ -118,7 +119,7 @@ def cfg_weight(omega, G: int, U: int):
 
 def sample_omega(n: int, generator: torch.Generator, lo: float = 1.0, hi: float = 4.0, power: float = 3.0,
                  no_cfg_frac: float = 0.0) -> torch.Tensor:
-    """omega ~ p(omega) ∝ omega^-power on [lo, hi] by inverse CDF (spec §2.1); a fraction no_cfg_frac is
+    """omega ~ p(omega) ∝ omega^-power on [lo, hi] by inverse CDF (docs: CFG); a fraction no_cfg_frac is
     set to 1. float32 [n] on the generator's device."""
     u = torch.rand(n, generator=generator, device=generator.device, dtype=torch.float64)
     a = 1.0 - power
@@ -134,7 +135,7 @@ def sample_omega(n: int, generator: torch.Generator, lo: float = 1.0, hi: float 
     return omega.float()
 
 
-# ---- pieces of one temperature (spec §2.3 step 4, §2.4) ----------------------------------------------
+# ---- pieces of one temperature (docs: The drift, step 4; Couplings) ----------------------------------------------
 
 def pairwise_distance(x: torch.Tensor, t: torch.Tensor, metric: str = "l2") -> torch.Tensor:
     """[b, N, C] x [b, T, C] -> [b, N, T]: sqrt(max(||x - t||^2, 1e-8)) for l2, ||x - t||^2 for l2_sq."""
@@ -146,8 +147,8 @@ def pairwise_distance(x: torch.Tensor, t: torch.Tensor, metric: str = "l2") -> t
 
 
 def _partial_two_sided(logits: torch.Tensor, valid: torch.Tensor | None, cfg: DriftConfig) -> torch.Tensor:
-    """A = sqrt(max(softmax_t(l) * softmax_i(l), floor)) (spec §2.3; Alg. 2). `valid` [b, 1, T] marks the
-    columns with finite logits (None: all); the others get A = 0 and never enter a normaliser (spec B3)."""
+    """A = sqrt(max(softmax_t(l) * softmax_i(l), floor)) (docs: The drift; Alg. 2). `valid` [b, 1, T] marks the
+    columns with finite logits (None: all); the others get A = 0 and never enter a normaliser (so no -inf - (-inf) appears)."""
     col_logits = logits if valid is None else torch.where(valid, logits, torch.zeros_like(logits))
     if cfg.partial_form == "log":  # exp(l - (LSE_t l + LSE_i l)/2)
         lse_row, lse_col = torch.logsumexp(logits, -1, keepdim=True), torch.logsumexp(col_logits, -2, keepdim=True)
@@ -161,7 +162,7 @@ def _partial_two_sided(logits: torch.Tensor, valid: torch.Tensor | None, cfg: Dr
 
 
 def sinkhorn(logits: torch.Tensor, log_c: torch.Tensor, iters: int) -> torch.Tensor:
-    """Log-domain Sinkhorn (spec §2.4): Pi = exp(l + log u + log v) with row sums 1/N (N = logits.shape[-2])
+    """Log-domain Sinkhorn (docs: Couplings): Pi = exp(l + log u + log v) with row sums 1/N (N = logits.shape[-2])
     and column sums exp(log_c) ([b, T] or broadcastable). The last update is the columns', so they are exact."""
     log_r = -math.log(logits.shape[-2])
     log_v = torch.zeros_like(logits[..., 0, :])
@@ -175,7 +176,7 @@ def coupling(logits: torch.Tensor, col_weight: torch.Tensor, cfg: DriftConfig) -
     """Coupling A [b, N, T] of logits [b, N, T] with the column (target) weights [b, T] applied.
 
     partial_two_sided / row: A = normalise(l) * w (`after_norm`, official) or normalise(l + log w) with
-    w = 0 columns masked (`logit`, spec B4). sinkhorn: weighted_cols puts w in the column marginal
+    w = 0 columns masked (`logit`). sinkhorn: weighted_cols puts w in the column marginal
     c ∝ max(w, 1e-6); none uses a uniform c and weights like the other couplings (needs w > 0 for `logit`,
     see check_feasible)."""
     w = col_weight.unsqueeze(-2)  # [b, 1, T]
@@ -200,8 +201,8 @@ def drift_field(logits: torch.Tensor, targets: torch.Tensor, col_weight: torch.T
     """Unnormalised drift V_R [b, N, C] at one temperature from logits [b, N, T], targets [b, T, C] and
     weights [b, T], with the columns ordered [negatives (n_neg) | positives].
 
-    alg2_joint (Alg. 2, spec §2.3): one coupling A over all targets, W+ = A+ rowsum(A-),
-    W- = A- rowsum(A+), V = W+ T+ - W- T-. split (spec §2.4): row-normalised couplings of each block,
+    alg2_joint (Alg. 2, docs: The drift): one coupling A over all targets, W+ = A+ rowsum(A-),
+    W- = A- rowsum(A+), V = W+ T+ - W- T-. split (docs: Couplings): row-normalised couplings of each block,
     V = P+ T+ - P- T-. Both W rows (and both P rows) have equal sums, so the official -(sum W) x term is 0."""
     if cfg.drift_form == "alg2_joint":
         coef = coupling(logits, col_weight, cfg)
@@ -219,7 +220,7 @@ def drift_field(logits: torch.Tensor, targets: torch.Tensor, col_weight: torch.T
     return torch.bmm(coef, targets)
 
 
-# ---- the batched drift (spec §2.3) -------------------------------------------------------------------
+# ---- the batched drift (docs: The drift) -------------------------------------------------------------------
 
 def _chunk(cfg: DriftConfig, B: int, G: int, T: int, C: int, device: torch.device) -> int:
     if cfg.chunk_size > 0:
@@ -288,7 +289,7 @@ def _drift(gen, pos, uncond, uncond_weight, cfg: DriftConfig):
 
 def drift(gen: torch.Tensor, pos: torch.Tensor, uncond: torch.Tensor | None, uncond_weight, cfg: DriftConfig,
           *, return_scale: bool = False):
-    """Drift V [B, G, C] of B independent problems (spec §2.3), in sigma-normalised units.
+    """Drift V [B, G, C] of B independent problems (docs: The drift), in sigma-normalised units.
 
     gen [B, G, C], pos [B, P, C], uncond [B, U, C] (or None), uncond_weight: w per problem [B] (or a scalar).
     fp32, autocast off, no grad: V is a stop-grad target. The scale s and the per-temperature drift norm
@@ -308,7 +309,7 @@ def _problems(f: torch.Tensor) -> torch.Tensor:
 
 def drifting_loss(gen_feats: dict[str, torch.Tensor], pos_feats: dict[str, torch.Tensor],
                   uncond_feats: dict[str, torch.Tensor] | None, omega: torch.Tensor, cfg: DriftConfig):
-    """Sum over keys of mean((x/sigma - sg(x/sigma + V))^2) (Eq. 26; spec §2.3 step 5).
+    """Sum over keys of mean((x/sigma - sg(x/sigma + V))^2) (Eq. 26; docs: The drift, step 5).
 
     gen_feats[k] [nc, G, L, C] (with grad), pos_feats[k] [nc, P, L, C], uncond_feats[k] [nc, U, L, C]
     (or [U, L, C] shared by all classes, or None), omega [nc]: the CFG strength per class, giving

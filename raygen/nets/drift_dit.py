@@ -1,8 +1,8 @@
 """DriftDiT: the one-step generator of Drifting models (arXiv 2602.04770), LightningDiT-style.
 
 It computes `x = f(noise, class, omega, style)` in one pass, with x of the noise's shape [N, C, H, W].
-What it computes (the official lambertae/drifting `models/generator.py` as described in
-/work/shared/reference/drifting.md §3):
+What it computes (the official release lambertae/drifting, `models/generator.py`;
+docs/methods/drifting.md, "The generator"):
 - tokens: patchify (patch p) -> Linear -> + a learnable 2-D sin-cos `pos_embed` (initialised from
   `sincos_pos_embed_2d`); 16 in-context tokens `Linear(cond) + cls_embed` ([16, D], N(0, .02)) are
   prepended and dropped again before the final layer;
@@ -28,14 +28,14 @@ Where it differs from the reference (none changes the function class):
   tables are built once per (device, dtype) in float64, stored fp32, and cached, not rebuilt per call;
 - the null class row (index `num_classes`, as in dit.LabelEmbedder) exists although drifting does not drop
   labels; it costs one row.
-Deliberately *not* the seed's generator (spec §6 B10): biases kept, learnable QK-norm scales, rotate-half
+Deliberately *not* the generator of earlier public ports (docs/methods/drifting.md): biases kept, learnable QK-norm scales, rotate-half
 (not interleaved) RoPE, absolute 2-D position embedding present, SwiGLU hidden 2/3*4D, omega through the
 sinusoidal TimestepEmbedder, zero-init output, 32 separate style tables, style drawn by the caller.
 
 Sizes (`DRIFT_DIT_SIZES`; names "DriftDiT-<size>/<patch>", patch 2, 4, 8 or 16). Parameters measured
 (built on the meta device) at 32x32x4, 1000 classes, patch 2:
 
-  | size | D    | depth | heads | SwiGLU | params          | spec estimate |
+  | size | D    | depth | heads | SwiGLU | params          | paper estimate |
   |------|------|-------|-------|--------|-----------------|---------------|
   | T    | 64   | 2     | 2     | 192    | 406,096         | CPU tests / digits |
   | S    | 384  | 12    | 6     | 1024   | 33,915,280      |               |

@@ -2,7 +2,7 @@
 
 A ResNet-34-layout convolutional encoder with GroupNorm, trained as a masked autoencoder on VAE latents
 (or, in CPU configs, on small images), whose multi-scale activations are the feature space of the drift
-loss (shared/reference/drifting.md §2.2 and §4).
+loss (docs/methods/drifting.md, "The feature network").
 
 - Encoder: stem conv3x3-GN-ReLU ("conv1"), then four stages of `BasicBlock`s (`layers`, default [3,4,6,3]),
   widths W/2W/4W/8W, strides 1/2/2/2, and one extra GroupNorm after each stage. A stage's output
@@ -10,34 +10,34 @@ loss (shared/reference/drifting.md §2.2 and §4).
 - Decoder: a U-Net from layer4 back up to the conv1 resolution. Levels 3, 2, 1 each do a bilinear x2
   upsample, concat the skip of that level (layer3, layer2, layer1), GN, then 2x(conv3x3-GN-ReLU) down to
   that stage's width. Stage 1 has stride 1, so layer1 already sits at conv1's resolution; a fourth level
-  (no upsample) concats the conv1 skip, so the decoder reaches the conv1 level as §4 says (mint-vu's stops
-  at stage 1, deviation B8). A 1x1 head maps W channels back to `in_channels`.
+  (no upsample) concats the conv1 skip, so the decoder reaches the conv1 level (arXiv 2602.04770 A.3; a
+  decoder that stops at stage 1 leaves the stem's features untrained). A 1x1 head maps W channels back to `in_channels`.
 - Objective: zero a random set of exactly round(mask_ratio * num_patches) non-overlapping 2x2 patches per
   sample (Python's round, half to even), reconstruct, MSE over the masked elements only. Masks are drawn from
   an explicit `torch.Generator`, never from the global RNG. `forward(x, generator)` is that per-sample loss
   (so a DDP wrapper sees a forward call); `autoencode(x)` is the plain encode + decode.
-- `features`: the official key set (§2.2), one encoder pass on the *unmasked* input. For each selected map
+- `features`: the official key set (arXiv 2602.04770 A.5), one encoder pass on the *unmasked* input. For each selected map
   [N,C,H,W], 7 keys, all [N, L, C]:
     `<map>` per location [N, H*W, C] (row-major locations);  `<map>_mean`, `<map>_std` over all locations
     [N, 1, C];  `<map>_p{s}_mean`, `<map>_p{s}_std` over non-overlapping s x s patches [N, HW/s^2, C]
     (row-major patches) for s in `patch_sizes` (2, 4).
-  Every std is sqrt(var + 1e-6) with the population variance (spec B2: no NaN gradients on constant
+  Every std is sqrt(var + 1e-6) with the population variance (the eps keeps gradients finite on constant
   channels). A patch size that does not tile the map (s > H, or H % s != 0) is skipped: with the tiny
   16x16 digits config layer4 is 2x2 and has no p4 keys; with 32x32 latents every map keeps all 7 (86 keys).
   Input keys (first, when `include_input`): `x_norm` = sqrt(mean_hw(x^2) + 1e-6) [N,1,C_in] and `x_global`
   = the raw flattened input [N,1,C_in*H*W]. Maps come in encoder (depth) order: conv1, layer1_blk2, layer1,
   layer2_blk2, layer2_blk4, layer2, layer3_blk2/4/6, layer3, layer4_blk2, layer4; "every 2nd block" means
-  blocks 2, 4, 6, ... of each stage (1-based), which for [3,4,6,3] is the spec's 7 block maps.
+  blocks 2, 4, 6, ... of each stage (1-based), which for [3,4,6,3] is 7 block maps.
   All feature tensors are contiguous float32 (the stats are computed in fp32 even under autocast: the drift
-  runs in fp32, §7). Statistics come from one channels-last [N, H*W, C] copy per map by reshape + centred
+  runs in fp32). Statistics come from one channels-last [N, H*W, C] copy per map by reshape + centred
   moments, coarser ones combined from finer cells (no Python loops over data); the encoder stops after the
   deepest selected stage.
 
 Sizes (measured by `count_params` and torch's FlopCounterMode, in_channels 4, input 32): W=256 (ablation)
-has 391.6M parameters, encoder 340.2M (= ResNet-34's 21.3M body at 16x the widths; the spec's ≈340M
+has 391.6M parameters, encoder 340.2M (= ResNet-34's 21.3M body at 16x the widths; the paper's ≈340M
 counts the encoder) + decoder 51.3M; 18.5 GMAC per latent for `features`, 27.6 for encode + decode.
 W=640 (SOTA): 2.45B parameters (encoder 2.13B), 116 GMAC for `features`.
-Written from the spec; the official torch port (`mae_model.py`) is a different net (torchvision ResNet-50 +
+Written from the paper; the official torch port (`mae_model.py`) is a different net (torchvision ResNet-50 +
 transformer decoder) and was not followed.
 """
 from __future__ import annotations

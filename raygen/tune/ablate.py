@@ -4,7 +4,7 @@ Ray Tune trials, resumable, with a report at the end.
     runs/ablate/<sweep>/
       sweep.yaml          the sweep as run (a different sweep under the same name is refused)
       plan.json           every grid point: trial name, parameters, or why it is excluded
-      shared/             stages every trial shares (the drifting MAE; the trained net of eval-only sweeps)
+      stages/             stages every trial shares (the drifting MAE; the trained net of eval-only sweeps)
       trials/<trial>/     each trial's raygen run directory (config.yaml, checkpoints, samples, eval, trial.json)
       tune/               Ray Tune's experiment (state for resuming; TensorBoard logs with the HParams view)
       report.html, report.csv
@@ -78,7 +78,7 @@ def shared_stage(spec: sw.SweepSpec, sweep_dir: Path, trials: list[sw.Trial]) ->
     """Train what every trial shares, once, in <sweep>/shared; return the keys that point trials at it."""
     rec = sw.recipe(spec.recipe)
     base = next(t.cfg for t in trials if t.cfg is not None)
-    shared_dir = sweep_dir / "shared"
+    shared_dir = sweep_dir / "stages"
     if spec.eval_only:
         if spec.eval_only.from_run:
             return {}
@@ -99,7 +99,7 @@ def shared_stage(spec: sw.SweepSpec, sweep_dir: Path, trials: list[sw.Trial]) ->
 def eval_source(spec: sw.SweepSpec, sweep_dir: Path) -> str | None:
     if not spec.eval_only:
         return None
-    return str(Path(spec.eval_only.from_run).resolve()) if spec.eval_only.from_run else str(sweep_dir / "shared" / "train")
+    return str(Path(spec.eval_only.from_run).resolve()) if spec.eval_only.from_run else str(sweep_dir / "stages" / "train")
 
 
 def write_plan(sweep_dir: Path, spec: sw.SweepSpec, trials: list[sw.Trial]) -> None:

@@ -93,7 +93,7 @@ def collect(sweep_dir: Path) -> dict:
                 pass
         t["thumbnail"] = _final_grid(run_dir, t["metrics"])
         trials.append(t)
-    return {"plan": plan, "trials": trials, "sweep_dir": sweep_dir, "shared_records": read_metrics(sweep_dir / "shared" / "train")}
+    return {"plan": plan, "trials": trials, "sweep_dir": sweep_dir, "shared_records": read_metrics(sweep_dir / "stages" / "train")}
 
 
 def _final_grid(run_dir: Path, metrics: dict) -> Path | None:

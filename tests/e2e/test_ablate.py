@@ -250,8 +250,8 @@ def test_drifting_coupling_smoke_killed_and_resumed_then_report_in_chromium(tmp_
         d = sweep_dir / "trials" / name
         metrics = json.loads((d / "eval" / "metrics.json").read_text())
         assert np.isfinite(metrics["fid"]) and "fid@omega=1" in metrics and (d / "samples" / "step_0000008.png").is_file()
-        assert yaml.safe_load((d / "config.yaml").read_text())["stage"]["mae_ckpt"] == str(sweep_dir / "shared" / "mae")
-    assert len(list((sweep_dir / "shared" / "mae").glob("mae.pt"))) == 1, "one MAE shared by every trial"
+        assert yaml.safe_load((d / "config.yaml").read_text())["stage"]["mae_ckpt"] == str(sweep_dir / "stages" / "mae")
+    assert len(list((sweep_dir / "stages" / "mae").glob("net_ema.pt"))) == 1, "one MAE shared by every trial"
 
     # Tune's records: one directory per trial with TensorBoard events (the HParams view) and results
     tune_trials = [p for p in (sweep_dir / "tune").iterdir() if p.is_dir()]
@@ -323,7 +323,7 @@ def _which(cmd):
 
 @pytest.mark.slow
 def test_dit_sampler_smoke_evaluates_one_shared_network(tmp_path, job_env):
-    """Evaluation-only trials: the DiT is trained once (shared/train), each trial only samples it with
+    """Evaluation-only trials: the DiT is trained once (stages/train), each trial only samples it with
     its own sampler settings, and a trial's FID is what evaluating that checkpoint directly gives."""
     from raygen.config import load_config
     from raygen.eval.evaluate import evaluate
@@ -333,7 +333,7 @@ def test_dit_sampler_smoke_evaluates_one_shared_network(tmp_path, job_env):
     proc = run_ablate("--sweep", "dit_sampler_smoke", runs_root=tmp_path / "runs", env=job_env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     sweep_dir = Path(proc.stdout.strip().splitlines()[-1].removeprefix("sweep_dir: "))
-    shared = sweep_dir / "shared" / "train"
+    shared = sweep_dir / "stages" / "train"
     assert json.loads((shared / "trial.json").read_text())["status"] == "finished"
     assert [json.loads(x)["step"] for x in (shared / "metrics.jsonl").read_text().splitlines()][-1] == 30
     trials = sorted((sweep_dir / "trials").iterdir())

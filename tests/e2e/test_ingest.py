@@ -278,7 +278,7 @@ def test_siglip2_patch_tokens_and_mask(ray_cluster, jpeg_tree, tmp_path):
 
 def test_npy_volume_slices_keep_one_intensity_scale(ray_cluster, tiny_vae, tmp_path):
     """A volume sliced along an axis: every slice is scaled by the volume's global window (the SDD
-    seed's per-slice min-max would make a dim slice as bright as a bright one)."""
+    a per-slice min-max would make a dim slice as bright as a bright one)."""
     vol = np.stack([np.full((40, 40), 100.0 * (i + 1) / 8) for i in range(8)]).astype(np.float32)
     vol[:, 10:30, 10:30] += 5.0
     np.save(tmp_path / "vol.npy", vol)

@@ -64,7 +64,7 @@ def test_ddpm_posterior_matches_diffusers(ours, theirs):
 
 
 def test_schedule_that_never_reaches_noise_is_rejected_with_the_fix():
-    # the MNIST seed's T=100 linear schedule ends at alpha_bar_T = 0.364 (dit-ddpm.md §2.3)
+    # a T=100 linear schedule with the T=1000 betas ends at alpha_bar_T = 0.364 (docs/methods/ddpm.md)
     with pytest.raises(ConfigError, match=r"num_timesteps=100.*0\.364.*short_schedule=rescale"):
         DDPMConfig(num_timesteps=100).validate()
     m = DDPM(DDPMConfig(num_timesteps=100, short_schedule="rescale"), 10)

@@ -1,5 +1,5 @@
 """The drifting loss (raygen.methods.drifting) against a float64 per-problem transcription of the spec
-(shared/reference/drifting.md §2.3-2.4), plus its behaviour: marginals, drift direction, antisymmetry,
+(docs/methods/drifting.md, The drift and Couplings), plus its behaviour: marginals, drift direction, antisymmetry,
 chunking, gradients, a 2-D toy, config errors and the w = 0 / constant-feature corner cases."""
 import dataclasses
 import itertools
@@ -23,7 +23,7 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-# ---- float64 reference: one problem at a time, straight from the spec ---------------------------------
+# ---- float64 reference: one problem at a time, straight from the formulas -------------------------------
 
 
 def _softmax(v):

@@ -1,4 +1,4 @@
-"""raygen.nets.drift_dit: the drifting generator (spec drifting.md §3) against closed forms written here in
+"""raygen.nets.drift_dit: the drifting generator (docs/methods/drifting.md) against closed forms written here in
 float64 (RoPE as complex rotation, RMSNorm, attention), plus zero-init, shape, conditioning, style-RNG and
 size checks. No Ray."""
 import math
@@ -77,7 +77,7 @@ def test_draw_style_uses_only_the_given_generator():
     b = draw_style(500, torch.Generator().manual_seed(7))
     c = draw_style(500, torch.Generator().manual_seed(8))
     x, y, w, s = _inputs(net, 4)
-    net(x, y, w, s)  # the forward draws nothing either (spec B10: the seed called torch.randint in forward)
+    net(x, y, w, s)  # the forward draws nothing either (a forward that called torch.randint would not repeat)
     assert torch.equal(torch.get_rng_state(), state)
     assert a.shape == (500, STYLE_TOKENS) == (500, 32) and a.dtype == torch.long
     assert torch.equal(a, b) and not torch.equal(a, c)
@@ -93,7 +93,7 @@ def test_each_style_position_has_its_own_table():
     style = torch.randint(0, 64, (5, 32), generator=torch.Generator().manual_seed(0))
     want = sum(emb.embedding.weight[i * 64 + style[:, i]] for i in range(32))
     torch.testing.assert_close(emb(style), want)
-    # the same indices in swapped positions: equal under one shared codebook (the seed's B10), not here
+    # the same indices in swapped positions: equal under one shared codebook (as in an earlier port), not here
     swapped = style.clone()
     swapped[:, [0, 1]] = style[:, [1, 0]]
     assert (style[:, 0] != style[:, 1]).any()
@@ -176,7 +176,7 @@ def test_attention_matches_float64_reference():
 
 @torch.no_grad()
 def _forward_reference(net: DriftDiT, x, y, w, s):
-    """The spec's generator written out plainly (float64, loops over patches and blocks)."""
+    """The documented generator written out plainly (float64, loops over patches and blocks)."""
     b, c, size, _ = x.shape
     p, g, dim, nc = net.patch_size, net.grid, net.hidden_size, net.cond_tokens
     style_w = net.style_embedder.embedding.weight

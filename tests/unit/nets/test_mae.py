@@ -1,7 +1,7 @@
-"""raygen.nets.mae: the latent-MAE feature encoder of drifting generators (shared/reference/drifting.md §2.2, §4).
+"""raygen.nets.mae: the latent-MAE feature encoder of drifting generators (docs/methods/drifting.md).
 
 Features are checked against the encoder's own maps, captured with forward hooks, and a float64 numpy
-computation of every statistic; the key set against the spec's list; masking, the masked MSE, a short
+computation of every statistic; the key set against the documented list; masking, the masked MSE, a short
 training run that has to beat the best context-free prediction, and gradients to the input.
 """
 import numpy as np
@@ -13,7 +13,7 @@ from raygen.nets.mae import (
     MAE_SIZES, LatentMAE, LatentMAE_W256, count_params, group_norm, latent_mae, map_features, num_groups,
 )
 
-# spec §2.2: conv1, layer1..4 (after the stage GN), every 2nd block output
+# the feature maps: conv1, layer1..4 (after the stage GN), every 2nd block output
 SPEC_MAPS = ["conv1", "layer1", "layer2", "layer3", "layer4",
              "layer1_blk2", "layer2_blk2", "layer2_blk4", "layer3_blk2", "layer3_blk4", "layer3_blk6", "layer4_blk2"]
 # 16x16 digits: conv1 and layer1 16^2, layer2 8^2, layer3 4^2, layer4 2^2
@@ -101,7 +101,7 @@ def test_feature_keys_and_shapes(tiny):
     assert list(listing) == list(feats) == list(tiny.features(x))
     assert all(tuple(feats[k].shape[1:]) == shape for k, shape in listing.items())
     assert list(feats)[:2] == ["x_norm", "x_global"]
-    # spec total for 32x32x4 latents: 86 keys (every map keeps its 4x4 patches)
+    # documented total for 32x32x4 latents: 86 keys (every map keeps its 4x4 patches)
     assert len(LatentMAE(in_channels=4, width=8, input_size=32).feature_keys()) == 86
     assert "x_norm" not in tiny.features(x, include_input=False)
 
@@ -267,7 +267,7 @@ def test_gradients_reach_the_input_through_frozen_features(tiny):
         for key in ("layer3_p2_std", "conv1", "layer4_mean", "x_norm"):
             (grad,) = torch.autograd.grad(feats[key].square().sum(), x, retain_graph=True)
             assert torch.isfinite(grad).all() and grad.abs().sum() > 0, key
-        # constant input: every std sits at its eps floor, the gradient stays finite (spec B2)
+        # constant input: every std sits at its eps floor, the gradient stays finite (the std's eps)
         z = torch.zeros(2, 1, 16, 16, requires_grad=True)
         feats = tiny.features(z)
         sum(v.sum() for k, v in feats.items() if k.endswith("_std")).backward()
@@ -282,7 +282,7 @@ def test_named_sizes():
     with torch.device("meta"):
         m = LatentMAE_W256()
         assert (m.width, m.in_channels, m.input_size, m.layers) == (256, 4, 32, (3, 4, 6, 3))
-        assert abs(count_params(m.encoder) / 1e6 - 340.2) < 0.1  # spec §4: ≈340M
+        assert abs(count_params(m.encoder) / 1e6 - 340.2) < 0.1  # the paper: ≈340M
         assert abs(count_params(m) / 1e6 - 391.6) < 0.1  # the figure quoted in the module docstring
         assert latent_mae("MAE-W640").width == 640 and latent_mae(32, in_channels=1).width == 32
     with pytest.raises(ValueError):
