@@ -44,24 +44,44 @@ def setup_job(recipe, argv=None):
     return cfg, run_dir, resumed
 
 
-def guarded(fn, *args):
-    """Run a recipe; a failure becomes one clear line (plus Ray's detail above it) and exit code 1.
+def guarded(fn, cfg, run_dir: Path):
+    """Run a recipe; a failure becomes one clear line (Ray's detail stays above it) and exit code 1.
     The run directory keeps its checkpoints: the same command resumes from the latest."""
+    import ray.exceptions
     import ray.train
 
-    run_dir = args[1] if len(args) > 1 else None
+    resume = f"to resume from its last checkpoint, run the same command with run.name={Path(run_dir).name[16:]}"
     try:
-        return fn(*args)
+        return fn(cfg, run_dir)
     except ConfigError as e:
         fail(str(e))
-    except ray.train.TrainingFailedError as e:
-        cause = e
-        while cause.__cause__ is not None:
-            cause = cause.__cause__
+    except (ray.train.TrainingFailedError, ray.exceptions.RayError, OSError) as e:
+        cause = root_cause(e)
+        if disk_full(e):
+            fail(f"no space left on the device holding {run_dir}: free space there, or pass --runs-root <a disk "
+                 f"with room>; then {resume}", code=1)
+        if isinstance(e, OSError):
+            raise
         lines = [ln for ln in str(cause).strip().splitlines() if ln.strip()]
         msg = lines[-1] if lines else type(cause).__name__
-        fail(f"training failed: {msg}\n  run_dir: {run_dir}\n  to resume from its last checkpoint, run the same "
-             f"command with run.name={Path(run_dir).name[16:]}", code=1)
+        fail(f"training failed: {msg}\n  run_dir: {run_dir}\n  {resume}", code=1)
+
+
+def root_cause(e: BaseException) -> BaseException:
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return e
+
+
+def disk_full(e: BaseException) -> bool:
+    """Whether the failure is ENOSPC anywhere in its chain (Ray re-raises worker errors as text too)."""
+    import errno
+
+    while e is not None:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def run_job(name: str, argv=None) -> Path:

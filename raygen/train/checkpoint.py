@@ -14,6 +14,7 @@ the state dict, enough to rebuild the network without the training config (`load
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 from raygen.config import ConfigError
@@ -43,7 +44,9 @@ def latest_checkpoint(run_dir) -> Path | None:
     if not storage.is_dir():
         return None
     try:
-        result = Result.from_path(str(storage))
+        with warnings.catch_warnings():  # Ray's own use of a deprecated pydantic call; nothing for the user
+            warnings.filterwarnings("ignore", message=r".*parse_obj.*", category=DeprecationWarning)
+            result = Result.from_path(str(storage))
     except RuntimeError:  # no checkpoint manager snapshot: Ray Train never registered one
         return None
     return Path(result.checkpoint.path) if result.checkpoint is not None else None
