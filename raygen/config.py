@@ -486,7 +486,13 @@ def load_config(
         path = pathlib.Path(config_file)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}; check the path")
-        raw = deep_merge(raw, _read_yaml(path))
+        data = _read_yaml(path)
+        base = data.pop("base", None)  # a config file may start from a preset, as presets do
+        if base is not None:
+            if not isinstance(base, str):
+                raise ConfigError(f"'base' in {path} must be a preset name, got {base!r}")
+            raw = deep_merge(raw, _load_preset(base, preset_dir, (str(path),)))
+        raw = deep_merge(raw, data)
     for item in overrides:
         keys, value = parse_override(item)
         for k in reversed(keys):

@@ -33,6 +33,7 @@ of the workers reach the console unchanged.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -68,9 +69,28 @@ def filter_deprecations() -> None:
     warnings.filterwarnings("ignore", message=EXCLUDE_RESOURCES_DEPRECATION, category=RayDeprecationWarning)
 
 
+class _DatasetFinished(logging.Filter):
+    """Drops Ray Data's per-execution "Dataset <id> execution finished in N seconds" INFO line: the
+    training stream re-executes its dataset every epoch, so it would print once per epoch. Failures
+    ("execution failed") and everything else still pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno <= logging.INFO and "execution finished in" in record.getMessage())
+
+
+DATA_EXECUTOR_LOGGER = "ray.data._internal.execution.streaming_executor"
+
+
+def filter_data_notices() -> None:
+    log = logging.getLogger(DATA_EXECUTOR_LOGGER)
+    if not any(isinstance(f, _DatasetFinished) for f in log.filters):
+        log.addFilter(_DatasetFinished())
+
+
 def quiet_worker() -> None:
     """Ray's worker_process_setup_hook: runs once in every worker process of the job, before any task."""
     filter_deprecations()
+    filter_data_notices()
 
 
 def runtime_env() -> dict:
@@ -87,6 +107,7 @@ def runtime_env() -> dict:
 def quiet_driver() -> None:
     """Set up the driver's console; call once, before `import ray` and `ray.init`."""
     os.environ[SKIP_REGEX_ENV] = skip_regex(os.environ.get(SKIP_REGEX_ENV))
+    filter_data_notices()
     ray_logging = sys.modules.get("ray._private.ray_logging")
     if ray_logging is not None:
         # Ray was imported already, so its deduplicators read the variable before it was set; give them

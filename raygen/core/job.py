@@ -8,9 +8,12 @@ summary whose last line is `run_dir: <absolute path>`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from importlib import resources
 from pathlib import Path
@@ -59,16 +62,82 @@ def resolve_run_dir(runs_root: str, recipe: str, name: str | None, preset: str |
 
 
 def prepare_run_dir(run_dir: Path) -> None:
-    """Create the run directory, proving it is writable before any work starts."""
+    """Create the run directory, proving it is writable before any work starts (the probe file is
+    removed also when writing it fails half-way, e.g. on a full disk)."""
+    probe = run_dir / f".write_probe{os.getpid()}"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write_probe{os.getpid()}"
         probe.write_text("ok")
-        probe.unlink()
     except OSError as e:
         raise ConfigError(
             f"cannot write the run directory {run_dir}: {e.strerror or e}; pass --runs-root <writable dir>"
         ) from None
+    finally:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+_held_locks: dict[str, object] = {}  # lock files this process holds, open until it exits
+
+
+def lock_run(root: Path, key: str, what: str) -> None:
+    """Make this process the one writer of run `key` under `root`: an exclusive `flock` on
+    `<root>/.locks/<key>.lock`, held until the process exits. The kernel drops it on any exit, a
+    SIGKILL too, so a lock left by a dead process is never in the way; the file names the holder so
+    a refused second command can say who has the run."""
+    import fcntl
+    import socket
+
+    if key in _held_locks:
+        return
+    lock_dir = Path(root) / ".locks"
+    try:
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        fh = open(lock_dir / f"{key}.lock", "a+")
+    except OSError as e:
+        raise ConfigError(f"cannot write under {root}: {e.strerror or e}; pass --runs-root <writable dir>") from None
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise ConfigError(f"{what} is already running ({holder}); wait for it to finish, or start a separate run "
+                          f"with run.name=<another name>") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+             f"{' '.join(sys.argv)}")
+    fh.flush()
+    _held_locks[key] = fh
+
+
+def create_run_dir(runs_root: str, recipe: str, name: str | None, preset: str | None) -> tuple[Path, bool]:
+    """Lock the run and find or make its directory: `resolve_run_dir`, with the run locked first (a
+    named run by its name, before its directory is looked up, so two identical commands cannot both
+    create it), and a new directory created atomically (two unnamed runs in the same second get two)."""
+    root = Path(runs_root).expanduser().resolve() / recipe
+    if name:
+        lock_run(root, f"name-{name}", f"run.name={name}")
+    run_dir, resumed = resolve_run_dir(runs_root, recipe, name, preset)
+    if not resumed:
+        base, n = run_dir, 1
+        while True:
+            try:
+                run_dir.parent.mkdir(parents=True, exist_ok=True)
+                run_dir.mkdir()
+                break
+            except FileExistsError:
+                n += 1
+                run_dir = base.with_name(f"{base.name}-{n}")
+            except OSError as e:
+                raise ConfigError(f"cannot write the run directory {run_dir}: {e.strerror or e}; pass --runs-root "
+                                  "<writable dir>") from None
+    lock_run(root, f"dir-{run_dir.name}", f"the run in {run_dir}")
+    prepare_run_dir(run_dir)
+    return run_dir, resumed
 
 
 def init_ray() -> None:
@@ -105,3 +174,41 @@ def report(run_dir: Path, metrics: dict) -> None:
         if (run_dir / rel).exists():
             print(f"  {rel:<14} {run_dir / rel}")
     print(f"run_dir: {run_dir}", flush=True)
+
+
+@contextlib.contextmanager
+def interrupts(describe):
+    """Ctrl-C (SIGINT) or SIGTERM inside the block ends the job with one line, `describe()`: what was
+    interrupted, what is kept and the command that resumes, and exit code 130 (128 + SIGINT)."""
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_term) if main else None
+    try:
+        yield
+    except KeyboardInterrupt:
+        try:
+            line = describe()
+        except Exception as e:  # the line must come out even if looking at the run fails
+            line = f"interrupted ({type(e).__name__} while describing what is kept: {e})"
+        try:  # stop this job's workers and the forwarding of their output, so the line below is the last
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+        except Exception:
+            pass
+        print(f"\n{line}", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def resume_command(job: str, argv, extra: list[str] = ()) -> str:
+    """The command line that runs `job` again with the same arguments (plus `extra`)."""
+    import shlex
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    return " ".join(shlex.quote(a) for a in ["python", f"jobs/{job}.py", *args, *extra])

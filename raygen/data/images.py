@@ -46,6 +46,14 @@ class ImageDataConfig:
     def validate(self):
         if self.resolution < 4:
             raise ConfigError(f"data.resolution must be >= 4, got {self.resolution}")
+        # a key the chosen source ignores is an error naming it and data.source, never silently dropped
+        unused = [("data.path", self.path, self.source in ("digits", "shapes") and self.path is not None),
+                  ("data.num_images", self.num_images, self.source != "shapes" and self.num_images != 4096),
+                  ("data.seed", self.seed, self.source != "shapes" and self.seed != 0)]
+        for key, value, bad in unused:
+            if bad:
+                raise ConfigError(f"{key}={value!r} is not used by data.source={self.source}; drop {key}, or set "
+                                  f"data.source to a source that reads it")
         if self.reference_images < 1:
             raise ConfigError(f"data.reference_images must be >= 1, got {self.reference_images}")
         if self.source == "image_folder":

@@ -28,7 +28,7 @@ import numpy as np
 from raygen.config import ConfigError, to_dict
 from raygen.data import store as store_io
 from raygen.data.encoders import EncoderConfig, describe_model
-from raygen.data.sources import ItemReader, Listing, SourceConfig, list_source
+from raygen.data.sources import DEFAULT_MAX_PIXELS, ItemReader, Listing, SourceConfig, list_source
 from raygen.data.transforms import ItemError, TransformConfig, apply
 
 
@@ -175,6 +175,8 @@ def fingerprint(cfg: IngestConfig | PixelIngestConfig) -> str:
     for k in ("batch_size", "actors", "gpus_per_actor", "cpus_per_actor", "channels_last"):
         d.get("encoder", {}).pop(k, None)
     d.pop("ingest")
+    if d["source"].get("max_pixels") == DEFAULT_MAX_PIXELS:  # stores made before the key existed still resume
+        d["source"].pop("max_pixels")
     d["store"] = {k: d["store"][k] for k in ("dtype", "flip_copies") if k in d["store"]}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -409,7 +411,7 @@ def main(recipe: str, encoder_kind: Literal["vae", "siglip", "pixels"], argv=Non
     """`jobs/encode_latents.py` / `jobs/encode_siglip.py` / `jobs/encode_pixels.py`: the store directory
     is the run directory, named by the source, split, model (or `pixels`) and resolution unless
     store.path is set, so the same command run again resumes the same store."""
-    from raygen.core.job import fail, init_ray, parse_args, preset_dir, prepare_run_dir
+    from raygen.core.job import fail, init_ray, interrupts, lock_run, parse_args, preset_dir, prepare_run_dir
     from raygen.config import load_config
     from raygen.data.tiny_models import resolve_model
 
@@ -422,9 +424,11 @@ def main(recipe: str, encoder_kind: Literal["vae", "siglip", "pixels"], argv=Non
             default_store_path(cfg, args.runs_root, encoder_kind)
         if encoder_kind != "pixels":
             cfg.encoder.model = resolve_model(cfg.encoder.model)
+        lock_run(store_dir.parent, f"store-{store_dir.name}", f"an ingest into {store_dir}")
         prepare_run_dir(store_dir)
-        init_ray()
-        meta = run_ingest(cfg, store_dir, encoder_kind)
+        with interrupts(lambda: interrupted(recipe, argv, store_dir)):
+            init_ray()
+            meta = run_ingest(cfg, store_dir, encoder_kind)
     except ConfigError as e:
         fail(str(e))
     except Exception as e:  # a bad item under on_error=fail, or a full disk, arrives wrapped by Ray Data
@@ -441,6 +445,16 @@ def main(recipe: str, encoder_kind: Literal["vae", "siglip", "pixels"], argv=Non
         print(f"  {name:<12} {a['shape']} {a['dtype']}")
     print(f"run_dir: {store_dir}", flush=True)
     return store_dir
+
+
+def interrupted(job: str, argv, store_dir: Path) -> str:
+    """The one line a Ctrl-C or SIGTERM ends an ingest with: the store, the finished shards, the command."""
+    from raygen.core.job import resume_command
+
+    shards = store_io.shard_dirs(store_dir) if store_dir.is_dir() else []
+    items = len(store_io.done_indices(store_dir)) if shards else 0
+    return (f"interrupted: {job} into {store_dir}; {len(shards)} finished shard(s) with {items} items are kept; "
+            f"resume with the same command: {resume_command(job, argv)}")
 
 
 def encode_latents(argv=None) -> Path:

@@ -147,6 +147,12 @@ class DriftingConfig:
 def resolve(cfg: DriftingConfig) -> DriftingConfig:
     """Derived values: the data (a latent store when stage.latents is set, its resolution), the batch size
     (generated samples per step, nc x G); then the checks that need them."""
+    if cfg.stage.mae_ckpt:
+        from raygen.recipes.latent_mae import exported
+
+        if not exported(Path(cfg.stage.mae_ckpt).expanduser()) and not Path(cfg.stage.mae_ckpt).expanduser().is_file():
+            raise ConfigError(f"stage.mae_ckpt={cfg.stage.mae_ckpt!r}: no trained MAE there (no net_ema.pt); train "
+                              "one with `python jobs/latent_mae.py` or leave stage.mae_ckpt unset")
     data = cfg.data
     if cfg.stage.latents:
         data = image_data.ImageDataConfig(source="latents", path=cfg.stage.latents, latent_flips=data.latent_flips)

@@ -29,22 +29,30 @@ def use_gpu(tc: TrainConfig) -> bool:
     return tc.use_gpu if tc.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
 
 
-def fit(task, run_dir: Path, callbacks=()):
-    """Train `task` under Ray Train. Checkpoints go to <run_dir>/checkpoints; calling this again with
-    the same run_dir resumes from the latest registered one (Ray Train V2: same storage_path + name).
-    `callbacks` are Ray Train callbacks (a sweep trial passes the one that reports to Tune)."""
+def check_resources(tc: TrainConfig) -> None:
+    """The worker group must fit on the cluster (checked before anything is written)."""
     import ray
-    import ray.train
 
-    tc: TrainConfig = task.cfg.train
-    gpu = use_gpu(tc)
-    if not gpu:
+    if not use_gpu(tc):
         cpus = ray.cluster_resources().get("CPU", 0)
         if tc.num_workers * tc.cpus_per_worker > cpus:
             raise ConfigError(
                 f"train.num_workers={tc.num_workers} x train.cpus_per_worker={tc.cpus_per_worker} needs more CPUs "
                 f"than the cluster has ({cpus:g}); lower them"
             )
+
+
+def fit(task, run_dir: Path, callbacks=()):
+    """Train `task` under Ray Train. Checkpoints go to <run_dir>/checkpoints; calling this again with
+    the same run_dir resumes from the latest registered one (Ray Train V2: same storage_path + name).
+    Checkpoint directories Ray Train never registered (a write cut by a crash or a full disk) are
+    removed first, and again when the run fails. `callbacks` are Ray Train callbacks (a sweep trial
+    passes the one that reports to Tune)."""
+    import ray.train
+
+    tc: TrainConfig = task.cfg.train
+    check_resources(tc)
+    gpu = use_gpu(tc)
     scaling = ray.train.ScalingConfig(
         num_workers=tc.num_workers, use_gpu=gpu,
         resources_per_worker={"CPU": tc.cpus_per_worker, **({"GPU": tc.gpus_per_worker} if gpu else {})},
@@ -56,7 +64,71 @@ def fit(task, run_dir: Path, callbacks=()):
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
         callbacks=list(callbacks),
     )
-    return backend(task.backend).trainer(task, Path(run_dir), scaling, run_config).fit()
+    remove_unregistered_checkpoints(run_dir)
+    trainer = backend(task.backend).trainer(task, Path(run_dir), scaling, run_config)
+    try:
+        result = interruptible(trainer.fit)
+    except Exception:
+        remove_unregistered_checkpoints(run_dir)
+        raise
+    if result.error is not None:
+        remove_unregistered_checkpoints(run_dir)
+    return result
+
+
+def interruptible(fn):
+    """`fn()` in a helper thread while the main thread waits, so Ctrl-C and SIGTERM reach the job's own
+    handler (raygen.core.job.interrupts) instead of Ray Train's, which aborts the run and exits the
+    process without a word. Off the main thread (a Tune trial) it simply calls `fn()`."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return fn()
+    out: dict = {}
+
+    def target():
+        try:
+            out["result"] = fn()
+        except BaseException as e:  # re-raised in the main thread
+            out["error"] = e
+
+    worker = threading.Thread(target=target, name="raygen-fit", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.2)
+    if "error" in out:
+        raise out["error"]
+    return out["result"]
+
+
+def remove_unregistered_checkpoints(run_dir) -> list[Path]:
+    """Delete `checkpoints/checkpoint_*` directories that Ray Train's record does not list: they were
+    never registered (cut by a crash or a full disk) and a resumed run would never use them."""
+    import json
+    import shutil
+
+    storage = Path(run_dir) / "checkpoints"
+    if not storage.is_dir():
+        return []
+    snapshot = storage / "checkpoint_manager_snapshot.json"
+    registered = set()
+    if snapshot.is_file():
+        try:
+            state = json.loads(snapshot.read_text())
+        except ValueError:  # written atomically by Ray; unreadable means we cannot tell: keep everything
+            return []
+        registered = {r["checkpoint_dir_name"] for r in state.get("checkpoint_results", [])}
+        latest = state.get("latest_checkpoint_result") or {}
+        registered.add(latest.get("checkpoint_dir_name"))
+    removed = []
+    for d in sorted(storage.glob("checkpoint_*")):
+        if d.is_dir() and d.name not in registered:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    if removed:
+        print(f"removed {len(removed)} checkpoint director{'y' if len(removed) == 1 else 'ies'} Ray Train never "
+              f"registered (a cut write): {', '.join(d.name for d in removed)}", flush=True)
+    return removed
 
 
 def train(task, run_dir: Path, callbacks=(), plot_keys=()) -> dict:

@@ -18,6 +18,7 @@ validation (e.g. Sinkhorn with marginal `none` while omega can reach 1) is exclu
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 from dataclasses import dataclass, field
@@ -126,6 +127,12 @@ def load_sweep(name_or_path: str, preset: str | None = None, overrides: list[str
 
 
 def parse_sweep(raw: dict, where: str = "sweep") -> SweepSpec:
+    known = {f.name for f in dataclasses.fields(SweepSpec)} - {"keys_order"}
+    for k in raw:  # a misspelt key is named first: it is usually why a required one is missing
+        if k not in known:
+            match = closest_key(str(k), sorted(known))
+            raise ConfigError(f"{where}: unknown sweep key '{k}'" + (f"; did you mean '{match}'?" if match else "")
+                              + f" (sweep keys: {', '.join(sorted(known))})")
     for k in ("recipe", "grid", "metric"):
         if k not in raw:
             raise ConfigError(f"{where}: missing sweep key '{k}'")

@@ -44,7 +44,7 @@ def test_shipped_sweeps_expand_to_their_grid(name):
     if name.startswith("drifting_coupling"):
         assert {"drift.coupling", "drift.drift_form"} <= set(spec.grid)
     if name.startswith("dit_sampler"):
-        assert spec.eval_only is not None and set(spec.grid) == {"eval.steps", "eval.cfg_scale"}
+        assert spec.eval_only is not None and set(spec.grid) == {"eval.settings.steps", "eval.settings.cfg_scale"}
     if name == "drifting_coupling":
         assert spec.grid["drift.coupling"] == ["partial_two_sided", "row", "sinkhorn"] and len(trials) == 12
         assert spec.grid["drift.metric"] == ["l2", "l2_sq"]
@@ -58,12 +58,14 @@ BAD = {
     "unreported_metric": ({"metric": "fid_at_10k"}, "fid_at_10k", "reported:"),
     "asha_on_eval_metric": ({"scheduler": {"type": "asha", "metric": "fid"}}, "scheduler.metric='fid'", "during training"),
     "unknown_sweep_key": ({"max_concurent_trials": 2}, "max_concurent_trials", "max_concurrent_trials"),
+    "misspelt_metric": ({"metrc": "fid", "metric": None}, "unknown sweep key 'metrc'", "did you mean 'metric'"),
 }
 
 
 def _bad_sweep(tmp_path, change: dict) -> Path:
     raw = yaml.safe_load((sw.sweeps_dir() / "drifting_coupling_smoke.yaml").read_text())
     raw.update(change)
+    raw = {k: v for k, v in raw.items() if v is not None}  # None: the key is left out
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -328,7 +330,7 @@ def test_dit_sampler_smoke_evaluates_one_shared_network(tmp_path, job_env):
     from raygen.config import load_config
     from raygen.eval.evaluate import evaluate
     from raygen.recipes.dit import DiTConfig, DiTTask
-    from raygen.train.loop import latest_state
+    from raygen.train.checkpoint import EXPORT_FILE, latest_state
 
     proc = run_ablate("--sweep", "dit_sampler_smoke", runs_root=tmp_path / "runs", env=job_env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -342,12 +344,13 @@ def test_dit_sampler_smoke_evaluates_one_shared_network(tmp_path, job_env):
     for d in trials:
         m = json.loads((d / "eval" / "metrics.json").read_text())
         params = json.loads((d / "trial.json").read_text())["params"]
-        assert (m["steps"], m["cfg_scale"]) == (params["eval.steps"], params["eval.cfg_scale"])
+        assert (m["steps"], m["cfg_scale"]) == (params["eval.settings.steps"], params["eval.settings.cfg_scale"])
         assert not (d / "checkpoints").exists(), "evaluation-only trials do not train"
         fids[d.name] = m["fid"]
     assert len(set(fids.values())) == 4, "each sampler setting gives its own samples"
     cfg, _ = load_config(DiTConfig, preset=None, preset_dir=tmp_path, config_file=str(trials[-1] / "config.yaml"))
     direct = evaluate(DiTTask(cfg), latest_state(shared)["ema"], tmp_path / "direct")
+    assert (shared / EXPORT_FILE).is_file()
     assert direct["fid"] == pytest.approx(fids[trials[-1].name], rel=1e-6)
     rows = (sweep_dir / "report.csv").read_text().splitlines()
     assert len(rows) == 5 and all(",finished," in r for r in rows[1:])

@@ -312,7 +312,7 @@ def test_dit_and_drifting_train_on_a_latent_store(ray_cluster, tiny_vae, tmp_pat
                                              f"store.path={tmp_path / 'digits'}"])
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, str(root / "jobs" / "dit.py"), "--preset", "latent_smoke",
-                           f"data.path={store}", "eval.num_samples=20", "eval.sweep_steps=[]",
+                           f"data.path={store}", "eval.num_samples=20", "eval.sweep=null",
                            "--runs-root", str(tmp_path)], capture_output=True, text=True, timeout=900,
                           env=job_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -331,8 +331,8 @@ def test_dit_and_drifting_train_on_a_latent_store(ray_cluster, tiny_vae, tmp_pat
                           capture_output=True, text=True, timeout=900, env=job_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = Path(proc.stdout.strip().splitlines()[-1].removeprefix("run_dir: "))
-    mae = torch.load(run_dir / "mae" / "mae.pt", weights_only=False)
-    assert mae["model_args"]["in_channels"] == 4 and mae["model_args"]["input_size"] == 16  # the latents' shape
+    mae = torch.load(run_dir / "mae" / "net_ema.pt", weights_only=False)
+    assert mae["net"]["kwargs"]["in_channels"] == 4 and mae["net"]["kwargs"]["input_size"] == 16  # the latents' shape
     sweep = json.loads((run_dir / "eval" / "omega_sweep.json").read_text())
     assert [r["omega"] for r in sweep] == [1.0, 2.0] and all("fid" in r and "class_accuracy" in r for r in sweep)
     grid = Image.open(run_dir / "eval" / "samples_omega1.png")

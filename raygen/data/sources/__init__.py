@@ -35,6 +35,7 @@ from raygen.config import ConfigError
 from raygen.data import embedded
 from raygen.data.sources.arrays import list_npy, read_npy
 from raygen.data.sources.common import (
+    DEFAULT_MAX_PIXELS,
     ARRAY_EXTENSIONS,
     IMAGE_EXTENSIONS,
     PATH_KINDS,
@@ -76,8 +77,12 @@ class SourceConfig:
     resolution: int = 32  # digits/shapes: generated size
     num_images: int = 4096  # shapes
     seed: int = 0  # shapes
+    # images with more pixels are skipped with that reason, from the header, before decoding (a guard
+    # against decompression bombs and accidental giant scans); null: no limit
+    max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
 
     def validate(self):
+        self.check_unused()
         kind = resolve_kind(self)  # checks path for the path-based kinds (and auto)
         if kind in PATH_KINDS:
             _validate_path(kind, self)
@@ -99,6 +104,34 @@ class SourceConfig:
                 f"source.intensity must be [lo, hi] with lo < hi (e.g. source.intensity=[-1000,1000]) "
                 f"or null for the global min/max, got {self.intensity}"
             )
+
+
+def unused_key_error(key: str, value, selector: str, selected: str, uses: str) -> ConfigError:
+    return ConfigError(f"{key}={value!r} is not used by {selector}={selected} ({uses}); drop {key}, or set "
+                       f"{selector} to a kind that reads it")
+
+
+def _check_unused(cfg: SourceConfig) -> None:
+    """A key the chosen kind ignores is an error naming it and `source.kind`, never silently dropped
+    (a non-default value is taken as set: the defaults are what every kind accepts)."""
+    kind = cfg.kind
+    embedded = kind in ("digits", "shapes")
+    uses = {"digits": "the embedded digits", "shapes": "generated shapes"}.get(kind, f"{kind} files")
+    checks = [
+        ("source.path", cfg.path, embedded and cfg.path is not None),
+        ("source.intensity", cfg.intensity, kind not in ("npy", "auto") and cfg.intensity is not None),
+        ("source.npy_axis", cfg.npy_axis, kind not in ("npy", "auto") and cfg.npy_axis != 0),
+        ("source.labels", cfg.labels, kind in ("class_folders", "digits", "shapes") and cfg.labels != "auto"),
+        ("source.num_images", cfg.num_images, kind != "shapes" and cfg.num_images != 4096),
+        ("source.seed", cfg.seed, kind != "shapes" and cfg.seed != 0),
+        ("source.resolution", cfg.resolution, not embedded and cfg.resolution != 32),
+    ]
+    for key, value, unused in checks:
+        if unused:
+            raise unused_key_error(key, value, "source.kind", kind, uses)
+
+
+SourceConfig.check_unused = _check_unused
 
 
 def _validate_path(kind: str, cfg: SourceConfig):
@@ -224,9 +257,9 @@ class ItemReader:
 
     def read(self, key: str) -> Image.Image:
         if self.kind in ("class_folders", "folder"):
-            return read_file(self.info, key)
+            return read_file({**self.info, "max_pixels": self.cfg.max_pixels}, key)
         if self.kind == "zip":
-            return read_zip(self.info, key, self._cached)
+            return read_zip({**self.info, "max_pixels": self.cfg.max_pixels}, key, self._cached)
         if self.kind == "npy":
             return read_npy(self.info, key, self._cached)
         if self.kind in ("digits", "shapes"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -115,22 +116,38 @@ def unlabeled(files: list[str], prefix: str = ""):
 # --------------------------------------------------------------------------- decoding
 
 
-def decode_image(name: str, data: bytes) -> Image.Image:
-    """Fully decoded image (`load()`, so truncation is an error here, not a grey band later)."""
+DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb warning size (about 0.25 GB of RGB)
+
+
+def decode_image(name: str, data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Fully decoded image (`load()`, so truncation is an error here, not a grey band later). An image
+    of more than `max_pixels` pixels is refused from its header, before any decoding: a file that
+    decodes to gigabytes (a decompression bomb, or a scan far larger than intended) is skipped with
+    that reason instead of taking a worker's memory."""
     ext = os.path.splitext(name)[1].lower()
     if ext not in IMAGE_EXTENSIONS:
         raise ItemError(f"not an image file ({ext or 'no extension'})")
     if not data:
         raise ItemError("zero-byte file")
     try:
-        img = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # the size is checked below, against source.max_pixels
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise ItemError(f"image too large to decode safely ({e}); raise source.max_pixels to accept it") from e
     except UnidentifiedImageError as e:
         raise ItemError(f"corrupt or unrecognised image data ({ext}): cannot identify image file") from e
     except Exception as e:  # PIL raises assorted types on malformed headers
         raise ItemError(f"corrupt image header ({ext}): {e}") from e
+    w, h = img.size
+    if max_pixels is not None and w * h > max_pixels:
+        raise ItemError(f"image of {w}x{h} = {w * h:,} pixels is over source.max_pixels={max_pixels:,}; raise "
+                        "source.max_pixels to accept it")
     fmt = img.format or ext.lstrip(".").upper()
     try:
-        img.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img.load()
     except Image.DecompressionBombError as e:
         raise ItemError(f"image too large to decode safely: {e}") from e
     except Exception as e:  # OSError "image file is truncated", SyntaxError, ValueError, struct.error

@@ -15,6 +15,7 @@ from PIL import Image
 
 from raygen.config import ConfigError
 from raygen.data.sources.common import (
+    DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
     Listing,
     Problems,
@@ -138,4 +139,4 @@ def read_zip(info: dict, key: str, cached: Callable) -> Image.Image:
         raise ItemError("missing from the zip (changed after listing?)") from e
     except (OSError, zipfile.BadZipFile, RuntimeError) as e:
         raise ItemError(f"unreadable zip member: {e}") from e
-    return decode_image(key, data)
+    return decode_image(key, data, info.get("max_pixels", DEFAULT_MAX_PIXELS))

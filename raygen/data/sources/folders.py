@@ -11,6 +11,7 @@ from PIL import Image
 
 from raygen.config import ConfigError
 from raygen.data.sources.common import (
+    DEFAULT_MAX_PIXELS,
     ARRAY_EXTENSIONS,
     IMAGE_EXTENSIONS,
     Listing,
@@ -89,11 +90,10 @@ def scan_dir(root: Path, problems: Problems, prefix: str = "") -> Tree:
             elif e.is_symlink() and not os.path.exists(e.path):
                 # most often a class folder that was moved away: it keeps its class index
                 try:
-                    os.scandir(e.path).close()
-                    reason = "broken symbolic link"
-                except OSError as err:
-                    reason = f"unreadable directory (broken symbolic link): {err}"
-                problems.add(prefix + r, reason)
+                    target = os.readlink(e.path)
+                except OSError:
+                    target = "?"
+                problems.add(prefix + r, f"dangling symbolic link: its target {target} does not exist")
                 if not rel:
                     tree.top_dirs.append(e.name)
                     tree.unreadable.add(r)
@@ -140,4 +140,4 @@ def read_file(info: dict, key: str) -> Image.Image:
         raise ItemError(f"missing file (deleted after listing?): {e}") from e
     except OSError as e:
         raise ItemError(f"unreadable file: {e}") from e
-    return decode_image(key, data)
+    return decode_image(key, data, info.get("max_pixels", DEFAULT_MAX_PIXELS))

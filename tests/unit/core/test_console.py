@@ -113,3 +113,18 @@ def test_quiet_driver_sets_the_skip_pattern(monkeypatch):
     assert os.environ[console.SKIP_REGEX_ENV] == console.skip_regex("^mine$")
     assert re.search(ray_logging.stderr_deduplicator.skip_re, NOTICE)  # Ray was imported before: applied too
     assert ray_logging.stderr_deduplicator.skip_re.search("mine")
+
+
+def test_dataset_finished_notice_is_dropped_but_a_failure_is_not():
+    import logging
+
+    from raygen.core.console import DATA_EXECUTOR_LOGGER, filter_data_notices
+
+    filter_data_notices()
+    log = logging.getLogger(DATA_EXECUTOR_LOGGER)
+    make = lambda level, msg: log.makeRecord(log.name, level, __file__, 1, msg, (), None)  # noqa: E731
+    assert not log.filter(make(logging.INFO, "✔️  Dataset train_1 execution finished in 0.07 seconds"))
+    assert log.filter(make(logging.INFO, "⚠️  Dataset train_1 execution failed"))
+    assert log.filter(make(logging.WARNING, "something else"))
+    filter_data_notices()  # idempotent: one filter
+    assert sum(type(f).__name__ == "_DatasetFinished" for f in log.filters) == 1
