@@ -26,14 +26,14 @@ from raygen.core.files import write_text
 from raygen.train.logging import read_metrics
 from raygen.tune.trial import read_status
 
-SWEEP_FILES = {"omega_sweep.json": "omega", "ddim_sweep.json": "steps"}  # eval curves a recipe writes, and their x
+SWEEP_SUFFIX = "_sweep.json"  # eval/<setting>_sweep.json: the evaluator's sweep over one sampler setting
 
 
 def _higher_is_better(metric: str, headline: str, mode: str) -> bool:
     base = metric.split("@", 1)[0]
     if base == headline.split("@", 1)[0]:
         return mode == "max"
-    return "accuracy" in base
+    return "accuracy" in base or base in ("precision", "recall")
 
 
 def _fmt(v) -> str:
@@ -86,9 +86,9 @@ def collect(sweep_dir: Path) -> dict:
                 t["metrics"] = json.loads(path.read_text())
             except ValueError:
                 pass
-        for fname, x in SWEEP_FILES.items():
+        for path in sorted((run_dir / "eval").glob(f"*{SWEEP_SUFFIX}")):
             try:
-                t["curves"][x] = json.loads((run_dir / "eval" / fname).read_text())
+                t["curves"][path.name.removesuffix(SWEEP_SUFFIX)] = json.loads(path.read_text())
             except (OSError, ValueError):
                 pass
         t["thumbnail"] = _final_grid(run_dir, t["metrics"])
@@ -97,10 +97,8 @@ def collect(sweep_dir: Path) -> dict:
 
 
 def _final_grid(run_dir: Path, metrics: dict) -> Path | None:
-    """The evaluation's sample grid (at the best omega for drifting), else the newest training grid."""
+    """The evaluation's headline sample grid, else the newest training grid."""
     ev = run_dir / "eval"
-    if "best_omega" in metrics and (ev / f"samples_omega{metrics['best_omega']:g}.png").is_file():
-        return ev / f"samples_omega{metrics['best_omega']:g}.png"
     if (ev / "samples.png").is_file():
         return ev / "samples.png"
     grids = sorted((run_dir / "samples").glob("step_*.png"))
@@ -143,7 +141,7 @@ def table_rows(data: dict) -> tuple[list[str], list[dict]]:
     return cols, rows
 
 
-RANKED = ("fid", "class_accuracy", "final_loss")  # columns where one value is better (not e.g. best_omega)
+RANKED = ("fid", "precision", "recall", "class_accuracy", "final_loss")  # columns where one value is better (not e.g. best_omega)
 
 
 def best_values(cols: list[str], rows: list[dict], headline: str, mode: str) -> dict:
@@ -265,9 +263,10 @@ def curve_charts(data: dict) -> list[tuple[str, str]]:
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
         charts.append(("Training curve of the shared network every trial evaluates", _svg(fig)))
-    for x in SWEEP_FILES.values():
+    for x in sorted({x for t in data["trials"] for x in t["curves"]}):
         with_curve = [t for t in data["trials"] if t["curves"].get(x)]
-        ys = [k for k in ("fid", "class_accuracy") if any(k in r for t in with_curve for r in t["curves"][x])]
+        ys = [k for k in ("fid", "precision", "recall", "class_accuracy")
+              if any(k in r for t in with_curve for r in t["curves"][x])]
         if not with_curve or not ys:
             continue
         fig, axes = plt.subplots(1, len(ys), figsize=(6.5 * len(ys), 3.8), squeeze=False)

@@ -37,7 +37,7 @@ def test_shipped_sweeps_expand_to_their_grid(name):
         for key, value in t.params.items():
             obj = t.cfg
             for part in key.split("."):
-                obj = getattr(obj, part)
+                obj = obj[part] if isinstance(obj, dict) else getattr(obj, part)  # eval.settings.<name>
             assert obj == value, (t.name, key)
         assert t.cfg.log.wandb_group == spec.name and t.cfg.train.torch_threads == spec.resources.cpus_per_worker
         assert t.cfg.eval.untrained_baseline is False
@@ -128,7 +128,7 @@ def _write_trial(sweep_dir, name, params, status, fid=None, losses=(), omega_fid
         (d / "eval" / "metrics.json").write_text(json.dumps({"fid": fid, "best_omega": 2.0, "class_accuracy": 1 / fid}))
         rows = [{"omega": w, "fid": f} for w, f in (omega_fids or {}).items()]
         (d / "eval" / "omega_sweep.json").write_text(json.dumps(rows))
-        Image.fromarray(np.full((20, 30, 3), 200, np.uint8)).save(d / "eval" / "samples_omega2.png")
+        Image.fromarray(np.full((20, 30, 3), 200, np.uint8)).save(d / "eval" / "samples.png")
 
 
 def test_report_of_a_sweep_on_disk(tmp_path):
