@@ -380,7 +380,9 @@ class Drifting(Method):
     def __init__(self, drift: DriftConfig, features: FeatureConfig, batch, mae: Optional[torch.nn.Module],
                  sample_shape: tuple, real_images=None):
         self.drift_cfg, self.feature_cfg, self.batch = drift, features, batch
-        self._mae, self.sample_shape = mae, tuple(sample_shape)
+        # the feature network is frozen: no gradient may flow into (or be computed for) its weights
+        self._mae = mae.requires_grad_(False).eval() if mae is not None else None
+        self.sample_shape = tuple(sample_shape)
         self._real_images, self._cache = real_images, None
         self.last_stats, self.last_omega = None, None
 
@@ -391,7 +393,7 @@ class Drifting(Method):
         if self._mae is None:
             raise RuntimeError("this Drifting method was built without its feature network (sampling only)")
         if next(self._mae.parameters()).device != torch.device(device):
-            self._mae = self._mae.requires_grad_(False).eval().to(device)
+            self._mae = self._mae.to(device)
         return self._mae
 
     def features(self, x: torch.Tensor) -> dict:

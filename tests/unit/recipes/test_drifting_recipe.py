@@ -156,6 +156,8 @@ def test_cached_real_features_give_the_same_loss_as_computing_them():
         method = task.build_method()
         loss = method.loss(net, batch, torch.Generator().manual_seed(5))
         loss.backward()
+        mae = method.mae("cpu")  # frozen: no gradient is computed for the feature network
+        assert not mae.training and all(not p.requires_grad and p.grad is None for p in mae.parameters())
         losses.append(loss.detach())
         grads.append(torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None]))
         net.zero_grad()
