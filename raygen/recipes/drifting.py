@@ -210,6 +210,9 @@ class DriftingTask(ImageTask):
         n = len(image_data.arrays(self.cfg.data, "train")[1])
         return per_item * n <= f.cache_max_mb * 2**20
 
+    def datasets(self) -> dict:
+        return {}  # the batches are drawn by index (`batches`), not streamed from a Ray Dataset
+
     def batches(self, position: DataPosition, rank: int, world: int, device):
         """Class-balanced batches (raygen.data.samplers): a pure function of the step, so a resumed run
         continues the stream exactly."""
