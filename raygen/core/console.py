@@ -69,22 +69,36 @@ def filter_deprecations() -> None:
     warnings.filterwarnings("ignore", message=EXCLUDE_RESOURCES_DEPRECATION, category=RayDeprecationWarning)
 
 
-class _DatasetFinished(logging.Filter):
-    """Drops Ray Data's per-execution "Dataset <id> execution finished in N seconds" INFO line: the
-    training stream re-executes its dataset every epoch, so it would print once per epoch. Failures
-    ("execution failed") and everything else still pass."""
+class _DropNotice(logging.Filter):
+    """Drops INFO (and lower) records whose message contains one of `notices`; warnings, errors and every
+    other record pass."""
+
+    def __init__(self, notices: tuple[str, ...]):
+        super().__init__()
+        self.notices = notices
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno <= logging.INFO and "execution finished in" in record.getMessage())
+        return not (record.levelno <= logging.INFO and any(n in record.getMessage() for n in self.notices))
 
 
 DATA_EXECUTOR_LOGGER = "ray.data._internal.execution.streaming_executor"
+# Known-harmless INFO notices, by logger: Ray Data's "Dataset <id> execution finished in N seconds" (the
+# training stream re-executes its dataset every epoch, so once per epoch) and "Progress bars disabled"
+# (raygen prints its own progress), and Ray Train's "Reporting training result N: TrainingReport(...)"
+# (every report's metrics dict, already in metrics.jsonl and the progress line). Failures
+# ("execution failed") and everything else still pass.
+NOTICES = {
+    DATA_EXECUTOR_LOGGER: ("execution finished in",),
+    "ray.data._internal.progress": ("Progress bars disabled",),
+    "ray.train.v2._internal.execution.context": ("Reporting training result",),
+}
 
 
 def filter_data_notices() -> None:
-    log = logging.getLogger(DATA_EXECUTOR_LOGGER)
-    if not any(isinstance(f, _DatasetFinished) for f in log.filters):
-        log.addFilter(_DatasetFinished())
+    for name, notices in NOTICES.items():
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropNotice) for f in log.filters):
+            log.addFilter(_DropNotice(notices))
 
 
 def quiet_worker() -> None:

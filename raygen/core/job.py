@@ -106,11 +106,14 @@ def lock_run(root: Path, key: str, what: str) -> None:
         fh.close()
         raise ConfigError(f"{what} is already running ({holder}); wait for it to finish, or start a separate run "
                           f"with run.name=<another name>") from None
-    fh.seek(0)
-    fh.truncate()
-    fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-             f"{' '.join(sys.argv)}")
-    fh.flush()
+    try:  # who holds it, for a refused second command; the lock holds even if a full disk refuses the text
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                 f"{' '.join(sys.argv)}")
+        fh.flush()
+    except OSError:
+        pass
     _held_locks[key] = fh
 
 
@@ -147,9 +150,11 @@ def init_ray() -> None:
     console.quiet_driver()  # before `import ray`: Ray reads its log-forwarding settings on import
     import ray
 
+    global _ray_started_here
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, configure_logging=False,
                  runtime_env=console.runtime_env())
+        _ray_started_here = True
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # reproducible data order, hence exact resume
     ctx.enable_progress_bars = False  # one progress bar (training) instead of one per epoch
@@ -158,8 +163,27 @@ def init_ray() -> None:
 
 
 def fail(msg: str, code: int = 2):
+    """End the job with one line (`error: ...`) and `code`. Ray is shut down first when it runs, which
+    flushes its forwarded worker output, so that line is the last one the user sees."""
+    stop_ray()
     print(f"error: {msg}", file=sys.stderr, flush=True)
     raise SystemExit(code)
+
+
+_ray_started_here = False  # whether init_ray connected this process (then the job may also disconnect it)
+
+
+def stop_ray() -> None:
+    """Disconnect from (a local cluster: stop) Ray, when this job's `init_ray` connected it; a process that
+    was already connected (a test session, a notebook) keeps its connection."""
+    global _ray_started_here
+    ray = sys.modules.get("ray")
+    try:
+        if _ray_started_here and ray is not None and ray.is_initialized():
+            ray.shutdown()
+            _ray_started_here = False
+    except Exception:  # the line after it matters more than a clean shutdown
+        pass
 
 
 def report(run_dir: Path, metrics: dict) -> None:
@@ -192,13 +216,7 @@ def interrupts(describe):
             line = describe()
         except Exception as e:  # the line must come out even if looking at the run fails
             line = f"interrupted ({type(e).__name__} while describing what is kept: {e})"
-        try:  # stop this job's workers and the forwarding of their output, so the line below is the last
-            import ray
-
-            if ray.is_initialized():
-                ray.shutdown()
-        except Exception:
-            pass
+        stop_ray()  # this job's workers and the forwarding of their output: the line below is the last
         print(f"\n{line}", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
     finally:

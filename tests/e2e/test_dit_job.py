@@ -79,7 +79,7 @@ def test_ray_job_submit_against_a_head_node(tmp_path):
         job = [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir",
                str(ROOT), "--", "python", "jobs/dit.py", "--preset", "smoke", "--runs-root", str(tmp_path / "runs"),
                "train.steps=10", "train.ckpt_every=10", "train.sample_every=10", "log.wandb=false",
-               "eval.untrained_baseline=false", "eval.sweep_steps=[5]"]
+               "eval.untrained_baseline=false", "eval.sweep={steps: [5]}"]
         for _ in range(60):  # the dashboard and its agent need a few seconds after `ray start`
             assert head.poll() is None, head.stderr.read().decode()[-2000:]
             proc = subprocess.run(job, capture_output=True, text=True, env=env, timeout=600)

@@ -127,4 +127,8 @@ def test_dataset_finished_notice_is_dropped_but_a_failure_is_not():
     assert log.filter(make(logging.INFO, "⚠️  Dataset train_1 execution failed"))
     assert log.filter(make(logging.WARNING, "something else"))
     filter_data_notices()  # idempotent: one filter
-    assert sum(type(f).__name__ == "_DatasetFinished" for f in log.filters) == 1
+    assert sum(type(f).__name__ == "_DropNotice" for f in log.filters) == 1
+    train = logging.getLogger("ray.train.v2._internal.execution.context")
+    assert not train.filter(train.makeRecord(train.name, logging.INFO, __file__, 1,
+                                             "Reporting training result 3: TrainingReport(...)", (), None))
+    assert train.filter(train.makeRecord(train.name, logging.ERROR, __file__, 1, "worker died", (), None))
