@@ -377,12 +377,13 @@ class Drifting(Method):
 
     sampler_settings = ("omega",)
 
-    def __init__(self, drift: DriftConfig, features: FeatureConfig, batch, mae: Optional[torch.nn.Module],
-                 sample_shape: tuple, real_images=None):
+    def __init__(self, drift: DriftConfig, features: FeatureConfig, batch, mae, sample_shape: tuple,
+                 real_images=None):
+        """`mae`: the frozen feature network, or a zero-argument function that builds it (called on first
+        use, so sampling and previews never build a large MAE they do not need), or None (sampling only).
+        `real_images`: the in-memory training images whose features are cached, or a function giving them."""
         self.drift_cfg, self.feature_cfg, self.batch = drift, features, batch
-        # the feature network is frozen: no gradient may flow into (or be computed for) its weights
-        self._mae = mae.requires_grad_(False).eval() if mae is not None else None
-        self.sample_shape = tuple(sample_shape)
+        self._mae, self.sample_shape = mae, tuple(sample_shape)
         self._real_images, self._cache = real_images, None
         self.last_stats, self.last_omega = None, None
 
@@ -392,6 +393,11 @@ class Drifting(Method):
     def mae(self, device):
         if self._mae is None:
             raise RuntimeError("this Drifting method was built without its feature network (sampling only)")
+        if not isinstance(self._mae, torch.nn.Module):
+            self._mae = self._mae()
+        # the feature network is frozen: no gradient may flow into (or be computed for) its weights
+        if self._mae.training or next(self._mae.parameters()).requires_grad:
+            self._mae.requires_grad_(False).eval()
         if next(self._mae.parameters()).device != torch.device(device):
             self._mae = self._mae.to(device)
         return self._mae
@@ -408,6 +414,8 @@ class Drifting(Method):
                 return self.features(torch.cat([batch["pos"].flatten(0, 1), batch["uncond"].flatten(0, 1)]))
         idx = torch.cat([batch["pos_idx"].flatten(), batch["uncond_idx"].flatten()])
         if self._cache is None:
+            if callable(self._real_images):
+                self._real_images = self._real_images()
             device = idx.device
             with torch.no_grad():
                 parts = [self.features(torch.from_numpy(self._real_images[i:i + 256]).to(device))

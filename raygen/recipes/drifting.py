@@ -192,13 +192,20 @@ class DriftingTask(ImageTask):
             return spec.build()
 
     def build_method(self) -> Drifting:
-        mae = None
-        if self.mae_export is not None:
-            mae = self.mae_net()
-            mae.load_state_dict(self.mae_export["ema"])
-        real = ClassIndexedData(self.cfg.data).images if self.cache_real() else None
+        """The method with its feature network and cached real images built on first use: sampling
+        (previews, evaluation) never builds them."""
         c = self.cfg
+        mae = self.frozen_mae if self.mae_export is not None else None
+        real = self.real_images if self.cache_real() else None
         return Drifting(c.drift, c.features, c.batch, mae, self.sample_shape, real)
+
+    def frozen_mae(self):
+        net = self.mae_net()
+        net.load_state_dict(self.mae_export["ema"])
+        return net
+
+    def real_images(self):
+        return ClassIndexedData(self.cfg.data).images
 
     def cache_real(self) -> bool:
         """Whether the real samples' features are computed once and gathered by index (FeatureConfig)."""
