@@ -47,6 +47,10 @@ class TrainConfig:
     use_gpu: Optional[bool] = None  # None: use GPUs when the cluster has them
     cpus_per_worker: int = 1
     gpus_per_worker: float = 1.0  # with use_gpu; fractions let runs (e.g. sweep trials) share a GPU
+    # TPU slices (JAX recipes): Ray reserves each worker's TPU chips from the topology and type
+    use_tpu: bool = False
+    topology: Optional[str] = None  # e.g. "2x4"
+    accelerator_type: Optional[str] = None  # e.g. "TPU-V5E"
     torch_threads: int = 0  # 0: the node's cores divided by the workers on it
     amp: Literal["auto", "bf16", "off"] = "auto"  # auto = bf16 on GPU, off on CPU
     compile: bool = False
@@ -77,6 +81,9 @@ class TrainConfig:
                 f"train.batch_size={self.batch_size} is not divisible by train.num_workers x train.grad_accum "
                 f"= {self.num_workers * self.grad_accum}; pick a multiple"
             )
+        if self.use_tpu and self.num_workers > 1 and not (self.topology and self.accelerator_type):
+            raise ConfigError("train.use_tpu=true with several workers needs train.topology (e.g. 2x4) and "
+                              "train.accelerator_type (e.g. TPU-V5E), as the slice was created")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError("train.ema_decay must be in [0, 1)")
         if self.ema_halflife_kimg is not None and self.ema_halflife_kimg <= 0:

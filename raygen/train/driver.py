@@ -1,9 +1,9 @@
 """The one driver: `fit` builds the Ray Train run (trainer, scaling, storage, failure policy,
 callbacks) for any task and hands the steps to the task's backend (docs/architecture.md).
 
-A backend offers `trainer(task, run_dir, scaling_config, run_config)` (a Ray Train trainer over its
-per-worker loop) and `export(task, run_dir, checkpoint_dir)` (writes `net_ema.pt`, returns the EMA
-state). The torch backend is raygen.train.torch_backend; a JAX backend plugs in the same way.
+A backend offers `scaling(train_config, gpu)` (its own ScalingConfig, or None for the common one),
+`trainer(task, run_dir, scaling_config, run_config)` (a Ray Train trainer over its per-worker loop) and `export(task, run_dir, checkpoint_dir)` (writes `net_ema.pt`, returns the EMA
+state). The backends are raygen.train.torch_backend and raygen.train.jax_backend.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 from raygen.config import ConfigError
 from raygen.train.config import TrainConfig
 
-BACKENDS = {"torch": "raygen.train.torch_backend:TorchBackend"}
+BACKENDS = {"torch": "raygen.train.torch_backend:TorchBackend", "jax": "raygen.train.jax_backend:JaxBackend"}
 
 
 def backend(name: str):
@@ -33,7 +33,12 @@ def check_resources(tc: TrainConfig) -> None:
     """The worker group must fit on the cluster (checked before anything is written)."""
     import ray
 
-    if not use_gpu(tc):
+    if tc.use_tpu:
+        tpus = ray.cluster_resources().get("TPU", 0)
+        if not tpus:
+            raise ConfigError("train.use_tpu=true but the cluster has no TPU; start one with `ray up "
+                              "cluster/tpu.yaml` or set train.use_tpu=false")
+    elif not use_gpu(tc):
         cpus = ray.cluster_resources().get("CPU", 0)
         if tc.num_workers * tc.cpus_per_worker > cpus:
             raise ConfigError(
@@ -52,8 +57,9 @@ def fit(task, run_dir: Path, callbacks=()):
 
     tc: TrainConfig = task.cfg.train
     check_resources(tc)
-    gpu = use_gpu(tc)
-    scaling = ray.train.ScalingConfig(
+    gpu = use_gpu(tc) and not tc.use_tpu
+    runner = backend(task.backend)
+    scaling = runner.scaling(tc, gpu) or ray.train.ScalingConfig(
         num_workers=tc.num_workers, use_gpu=gpu,
         resources_per_worker={"CPU": tc.cpus_per_worker, **({"GPU": tc.gpus_per_worker} if gpu else {})},
     )
@@ -65,7 +71,7 @@ def fit(task, run_dir: Path, callbacks=()):
         callbacks=list(callbacks),
     )
     remove_unregistered_checkpoints(run_dir)
-    trainer = backend(task.backend).trainer(task, Path(run_dir), scaling, run_config)
+    trainer = runner.trainer(task, Path(run_dir), scaling, run_config)
     try:
         result = interruptible(trainer.fit)
     except Exception:

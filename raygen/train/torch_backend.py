@@ -258,6 +258,9 @@ class TorchBackend:
 
     name = "torch"
 
+    def scaling(self, tc: TrainConfig, gpu: bool):
+        return None  # the driver's CPU/GPU ScalingConfig
+
     def trainer(self, task, run_dir: Path, scaling_config, run_config):
         from ray.train.torch import TorchTrainer
 
