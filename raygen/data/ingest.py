@@ -28,7 +28,7 @@ import numpy as np
 from raygen.config import ConfigError, to_dict
 from raygen.data import store as store_io
 from raygen.data.encoders import EncoderConfig, describe_model
-from raygen.data.sources import DEFAULT_MAX_PIXELS, ItemReader, Listing, SourceConfig, list_source
+from raygen.data.sources import DEFAULT_MAX_PIXELS, EMBEDDED_KINDS, ItemReader, Listing, SourceConfig, list_source
 from raygen.data.transforms import ItemError, TransformConfig, apply
 
 
@@ -177,13 +177,15 @@ def fingerprint(cfg: IngestConfig | PixelIngestConfig) -> str:
     d.pop("ingest")
     if d["source"].get("max_pixels") == DEFAULT_MAX_PIXELS:  # stores made before the key existed still resume
         d["source"].pop("max_pixels")
+    if d["source"].get("per_class") == 100:  # likewise for stores made before source.per_class existed
+        d["source"].pop("per_class")
     d["store"] = {k: d["store"][k] for k in ("dtype", "flip_copies") if k in d["store"]}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def default_store_path(cfg: IngestConfig | PixelIngestConfig, runs_root: str, encoder_kind: str) -> Path:
     src = cfg.source
-    name = src.kind if src.kind in ("digits", "shapes") else Path(str(src.path).rstrip("/")).stem
+    name = src.kind if src.kind in EMBEDDED_KINDS else Path(str(src.path).rstrip("/")).stem
     parts = [name, src.split, "pixels" if encoder_kind == "pixels" else describe_model(cfg.encoder.model),
              str(cfg.transform.resolution) if cfg.transform.kind != "none" else None]
     return Path(runs_root).expanduser().resolve() / "stores" / "-".join(p for p in parts if p)

@@ -19,6 +19,7 @@ from raygen.config import ConfigError
 BUILTIN = {
     "dit": "raygen.recipes.dit",
     "drifting": "raygen.recipes.drifting",
+    "fsdit": "raygen.recipes.fsdit",
     "latent_mae": "raygen.recipes.latent_mae",
 }
 

@@ -11,13 +11,15 @@ Kinds:
   zip            the same as folder, inside one .zip file (members are keys)
   npy            a .npy/.npz file or a directory of them: image stacks or volumes sliced into images
   digits/shapes  the embedded data sets of `raygen.data.embedded`
+  fewshot        the embedded few-shot set (96 classes, `source.per_class` images each, class-major)
 
 Key formats: files `rel/path.jpg` (relative to `source.path`, posix separators); zip members by
 name; npy `file.npy#<i>` (image i, or slice i of a single volume) and `file.npy#<n>/<s>` (slice s
-of volume n of a 4-D stack); embedded `digits/<split>/<index:06d>`, `shapes/<split>/<index:06d>`.
+of volume n of a 4-D stack); embedded `digits/<split>/<index:06d>`, `shapes/<split>/<index:06d>`,
+`fewshot/all/<index:06d>` (one split: its classes are divided later, by `raygen.data.episodes`).
 
 Modules: `common` (Listing, problems, decoding), `folders` (class_folders, folder), `edm_zip` (zip,
-dataset.json labels), `arrays` (npy), `embedded_kind` (digits, shapes). This module holds the
+dataset.json labels), `arrays` (npy), `embedded_kind` (digits, shapes, fewshot). This module holds the
 config, the kind resolution, `list_source` and `ItemReader`, which dispatch to them.
 """
 from __future__ import annotations
@@ -32,7 +34,6 @@ import numpy as np
 from PIL import Image
 
 from raygen.config import ConfigError
-from raygen.data import embedded
 from raygen.data.sources.arrays import list_npy, read_npy
 from raygen.data.sources.common import (
     DEFAULT_MAX_PIXELS,
@@ -45,11 +46,19 @@ from raygen.data.sources.common import (
     path_hint,
 )
 from raygen.data.sources.edm_zip import list_zip, read_zip
-from raygen.data.sources.embedded_kind import SHAPES_TEST_SEED_OFFSET, embedded_arrays, list_embedded, read_embedded
+from raygen.data.sources.embedded_kind import (
+    EMBEDDED_KINDS,
+    SHAPES_TEST_SEED_OFFSET,
+    embedded_arrays,
+    embedded_class_names,
+    list_embedded,
+    read_embedded,
+)
 from raygen.data.sources.folders import list_class_folders, list_folder, only_arrays, read_file
 
 __all__ = [
     "ARRAY_EXTENSIONS",
+    "EMBEDDED_KINDS",
     "IMAGE_EXTENSIONS",
     "PATH_KINDS",
     "SHAPES_TEST_SEED_OFFSET",
@@ -65,18 +74,20 @@ __all__ = [
 
 @dataclass
 class SourceConfig:
-    kind: Literal["auto", "class_folders", "folder", "zip", "npy", "digits", "shapes"] = "digits"
+    kind: Literal["auto", "class_folders", "folder", "zip", "npy", "digits", "shapes", "fewshot"] = "digits"
     path: Optional[str] = None
-    # class_folders: images in <path>/<split>/<class>/* (None: <path>/<class>/*); digits/shapes: train|test
+    # class_folders: images in <path>/<split>/<class>/* (None: <path>/<class>/*); digits/shapes: train|test;
+    # fewshot: null or all (its classes are split into train/val/test by prepare_fewshot, not here)
     split: Optional[str] = None
     # folder/zip: auto = dataset.json if present, else subfolders if there are any, else none
     labels: Literal["auto", "dataset_json", "subfolders", "none"] = "auto"
     npy_axis: int = 0  # volumes are sliced along this axis of each volume (see list_source)
     # npy: fixed [lo, hi] window mapped to [0, 1]; None = global min/max over the whole source
     intensity: Optional[list[float]] = None
-    resolution: int = 32  # digits/shapes: generated size
+    resolution: int = 32  # digits/shapes/fewshot: generated size
     num_images: int = 4096  # shapes
-    seed: int = 0  # shapes
+    per_class: int = 100  # fewshot: images of each of its 96 classes
+    seed: int = 0  # shapes/fewshot
     # images with more pixels are skipped with that reason, from the header, before decoding (a guard
     # against decompression bombs and accidental giant scans); null: no limit
     max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
@@ -86,13 +97,19 @@ class SourceConfig:
         kind = resolve_kind(self)  # checks path for the path-based kinds (and auto)
         if kind in PATH_KINDS:
             _validate_path(kind, self)
-        if kind in ("digits", "shapes"):
-            if self.split not in (None, "train", "test"):
+        if kind in EMBEDDED_KINDS:
+            if kind == "fewshot" and self.split not in (None, "all"):
+                raise ConfigError(f"source.split={self.split!r}: source.kind=fewshot has one split (all); its classes "
+                                  "are divided into train/val/test by jobs/prepare_fewshot.py (split=60/16/20); "
+                                  "drop source.split")
+            if kind != "fewshot" and self.split not in (None, "train", "test"):
                 raise ConfigError(f"source.split must be train or test for source.kind={kind}, got {self.split!r}")
             if self.resolution < 4:
                 raise ConfigError(f"source.resolution must be >= 4, got {self.resolution}")
             if kind == "shapes" and self.num_images < 1:
                 raise ConfigError(f"source.num_images must be >= 1, got {self.num_images}")
+            if kind == "fewshot" and self.per_class < 1:
+                raise ConfigError(f"source.per_class must be >= 1, got {self.per_class}")
         if self.labels == "dataset_json" and kind not in ("folder", "zip"):
             raise ConfigError(
                 f"source.labels=dataset_json only applies to folder/zip sources, not {kind}; use source.labels=auto"
@@ -115,15 +132,17 @@ def _check_unused(cfg: SourceConfig) -> None:
     """A key the chosen kind ignores is an error naming it and `source.kind`, never silently dropped
     (a non-default value is taken as set: the defaults are what every kind accepts)."""
     kind = cfg.kind
-    embedded = kind in ("digits", "shapes")
-    uses = {"digits": "the embedded digits", "shapes": "generated shapes"}.get(kind, f"{kind} files")
+    embedded = kind in EMBEDDED_KINDS
+    uses = {"digits": "the embedded digits", "shapes": "generated shapes",
+            "fewshot": "the generated few-shot set"}.get(kind, f"{kind} files")
     checks = [
         ("source.path", cfg.path, embedded and cfg.path is not None),
         ("source.intensity", cfg.intensity, kind not in ("npy", "auto") and cfg.intensity is not None),
         ("source.npy_axis", cfg.npy_axis, kind not in ("npy", "auto") and cfg.npy_axis != 0),
-        ("source.labels", cfg.labels, kind in ("class_folders", "digits", "shapes") and cfg.labels != "auto"),
+        ("source.labels", cfg.labels, kind in ("class_folders", *EMBEDDED_KINDS) and cfg.labels != "auto"),
         ("source.num_images", cfg.num_images, kind != "shapes" and cfg.num_images != 4096),
-        ("source.seed", cfg.seed, kind != "shapes" and cfg.seed != 0),
+        ("source.per_class", cfg.per_class, kind != "fewshot" and cfg.per_class != 100),
+        ("source.seed", cfg.seed, kind not in ("shapes", "fewshot") and cfg.seed != 0),
         ("source.resolution", cfg.resolution, not embedded and cfg.resolution != 32),
     ]
     for key, value, unused in checks:
@@ -169,7 +188,7 @@ def resolve_kind(cfg: SourceConfig) -> str:
     if not cfg.path:
         raise ConfigError(
             "source.kind=auto needs source.path=<image folder, class-folder tree, .zip, .npy/.npz>; "
-            "or set source.kind=digits|shapes for the embedded data"
+            "or set source.kind=digits|shapes|fewshot for the embedded data"
         )
     p = Path(cfg.path)
     if not p.exists():
@@ -262,7 +281,7 @@ class ItemReader:
             return read_zip({**self.info, "max_pixels": self.cfg.max_pixels}, key, self._cached)
         if self.kind == "npy":
             return read_npy(self.info, key, self._cached)
-        if self.kind in ("digits", "shapes"):
+        if self.kind in EMBEDDED_KINDS:
             return read_embedded(self.info, key)
         raise ValueError(f"unknown listing kind {self.kind!r}")
 
@@ -295,21 +314,24 @@ def write_image_folder(images: np.ndarray, labels, class_names, out_dir, fmt: st
 
 
 def export_embedded(argv=None) -> Path:
-    """`python -m raygen.data.sources digits|shapes OUT [--resolution R] [--split S] [--num N]`: write an
-    embedded data set as an ImageNet-style JPEG tree (`OUT/<split>/<class>/*.jpg`), to try the file
-    path of every tool without downloading anything."""
+    """`python -m raygen.data.sources digits|shapes|fewshot OUT [--resolution R] [--split S] [--num N]
+    [--per-class K]`: write an embedded data set as an ImageNet-style JPEG tree (`OUT/<split>/<class>/*.jpg`),
+    to try the file path of every tool without downloading anything. fewshot has one split: all of its
+    images go under `OUT/<split>/` (a folder name only)."""
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m raygen.data.sources", description=export_embedded.__doc__)
-    p.add_argument("source", choices=("digits", "shapes"))
+    p.add_argument("source", choices=EMBEDDED_KINDS)
     p.add_argument("out")
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--split", default="train", choices=("train", "test"))
     p.add_argument("--num", type=int, default=4096, help="shapes: how many")
+    p.add_argument("--per-class", type=int, default=100, help="fewshot: images per class")
     p.add_argument("--format", default="jpeg", choices=("jpeg", "png"))
     a = p.parse_args(argv)
-    images, labels = embedded_arrays(a.source, a.split, a.resolution, a.num, 0)
-    names = embedded.digits_class_names() if a.source == "digits" else embedded.shapes_class_names()
+    split = "all" if a.source == "fewshot" else a.split
+    images, labels = embedded_arrays(a.source, split, a.resolution, a.num, 0, a.per_class)
+    names = embedded_class_names(a.source)
     out = write_image_folder(images, labels, names, a.out, fmt=a.format, split=a.split)
     print(f"wrote {len(labels)} images to {Path(out) / a.split}")
     return out
