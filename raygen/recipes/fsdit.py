@@ -49,6 +49,7 @@ class FewShotDataConfig:
 
 @dataclass
 class StageConfig:
+    space: Literal["pixel", "latent"] = "pixel"  # latent: the preset needs stage.latents
     episodes: Optional[str] = None  # a jobs/prepare_fewshot.py directory; unset: prepared from `data`
     supports: Optional[str] = None  # a SigLIP store of data.source (jobs/encode_siglip.py); unset: encoded here
     siglip: str = "raygen/tiny-siglip"  # the encoder of stage 2 when stage.supports is unset
@@ -114,6 +115,10 @@ class FSDiTConfig:
     def validate(self):
         if self.stage.latents and self.stage.pixels:
             raise ConfigError("stage.latents and stage.pixels both name the targets; give one")
+        if self.stage.space == "latent" and not self.stage.latents:
+            raise ConfigError("this preset trains in latent space: set stage.latents=<SD-VAE latent store> (python "
+                              "jobs/encode_latents.py source.path=...) and stage.supports=<SigLIP store> (python "
+                              "jobs/encode_siglip.py source.path=...) of the same source")
 
 
 # ---- the data a worker reads -------------------------------------------------------------------------
@@ -333,8 +338,10 @@ def prepare_stages(cfg: FSDiTConfig, runs_root: Path) -> FSDiTConfig:
 
     st, d = cfg.stage, cfg.data
     updates = {}
+    given = st.supports or st.latents or st.pixels
+    source = source_of(given) if given else d.source  # the episodes must index the given stores' listing
     if not st.episodes:
-        prep = fewshot_prep.FewshotPrepConfig(source=d.source, split=d.split, seed=d.split_seed, sets=d.sets,
+        prep = fewshot_prep.FewshotPrepConfig(source=source, split=d.split, seed=d.split_seed, sets=d.sets,
                                               shots=d.shots)
         out = fewshot_prep.default_dir(prep, str(runs_root))
         if not (out / "split.json").is_file():
@@ -343,7 +350,7 @@ def prepare_stages(cfg: FSDiTConfig, runs_root: Path) -> FSDiTConfig:
             fewshot_prep.prepare_fewshot(prep, out)
         updates["episodes"] = str(out)
     if not st.supports:
-        enc = ingest.IngestConfig(source=d.source, transform=TransformConfig(kind="none"),
+        enc = ingest.IngestConfig(source=source, transform=TransformConfig(kind="none"),
                                   encoder=EncoderConfig(model=st.siglip, batch_size=256))
         out = ingest.default_store_path(enc, str(runs_root), "siglip")
         if not (out / "meta.json").is_file():
@@ -355,7 +362,7 @@ def prepare_stages(cfg: FSDiTConfig, runs_root: Path) -> FSDiTConfig:
             ingest.run_ingest(enc, out, "siglip")
         updates["supports"] = str(out)
     if not st.latents and not st.pixels:
-        pix = ingest.PixelIngestConfig(source=d.source,
+        pix = ingest.PixelIngestConfig(source=source,
                                        transform=TransformConfig(kind="resize_center_crop", resolution=d.resolution))
         out = ingest.default_store_path(pix, str(runs_root), "pixels")
         if not (out / "meta.json").is_file():
@@ -364,6 +371,16 @@ def prepare_stages(cfg: FSDiTConfig, runs_root: Path) -> FSDiTConfig:
             ingest.run_ingest(pix, out, "pixels")
         updates["pixels"] = str(out)
     return dataclasses.replace(cfg, stage=dataclasses.replace(st, **updates)) if updates else cfg
+
+
+def source_of(store_path) -> SourceConfig:
+    """The source config a store was made from (its meta.json), so stages made here list the same items."""
+    from raygen.data.store import Store
+
+    meta = dict(Store(store_path).meta["source"])
+    meta["kind"] = meta.pop("resolved_kind", meta.get("kind"))
+    fields = {f.name for f in dataclasses.fields(SourceConfig)}
+    return SourceConfig(**{k: v for k, v in meta.items() if k in fields})
 
 
 def run(cfg: FSDiTConfig, run_dir, callbacks=()) -> dict:

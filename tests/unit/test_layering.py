@@ -10,7 +10,7 @@ import pytest
 PKG = Path(__file__).resolve().parents[2] / "raygen"
 
 # layer of each top-level part; a module may import only from its own part or lower layers
-LAYER = {"core": 0, "config": 0, "data": 1, "nets": 1, "methods": 2, "eval": 3, "train": 3, "recipes": 4,
+LAYER = {"core": 0, "config": 0, "data": 1, "nets": 1, "jaxgen": 1, "methods": 2, "eval": 3, "train": 3, "recipes": 4,
          "tune": 5, "cli": 6}
 JOB_MODULES = {"raygen.tune.ablate", "raygen.tune.report"}  # job entry points: may use the cli helpers
 SIBLINGS_APART = {("eval", "train"), ("train", "eval")}  # same layer, must not know each other

@@ -1,0 +1,1 @@
+"""JAX/Flax generative models: FSDiT, the few-shot flow-matching DiT (docs/methods/fsdit.md)."""
