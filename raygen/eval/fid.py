@@ -19,7 +19,6 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
-import scipy.linalg
 import torch
 from PIL import Image
 
@@ -31,17 +30,40 @@ INCEPTION_PKL_URL = (
     "https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl"
 )
 INCEPTION_SIZE = 299
-MAX_IMAG = 1e-3  # larger imaginary parts in sqrt(sigma1 sigma2) mean the inputs are not covariances
+# an eigenvalue of an input below -NEGATIVE_TOLERANCE times its largest magnitude is not round-off (not
+# even of statistics accumulated in float32): the input is not a covariance
+NEGATIVE_TOLERANCE = 1e-4
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+def _psd_eigh(sigma: np.ndarray, name: str, vectors: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """Eigenvalues (and eigenvectors if `vectors`) of a symmetric PSD matrix, those within round-off
+    of 0 set to 0.
+
+    Round-off leaves eigenvalues of order d * eps * max|w| with either sign in the null space of a
+    singular covariance; their square roots (~1e-7 of the scale each) would add up over the null
+    directions, so they are zeroed at the usual numerical-rank tolerance.
+    """
+    w, v = np.linalg.eigh(sigma) if vectors else (np.linalg.eigvalsh(sigma), None)
+    scale = np.abs(w).max(initial=0.0)
+    if w.size and w.min() < -NEGATIVE_TOLERANCE * scale:
+        raise ValueError(
+            f"{name} has eigenvalue {w.min():.3g} (largest magnitude {scale:.3g}); "
+            "it is not positive semi-definite, so not a covariance"
+        )
+    w[w <= len(w) * np.finfo(np.float64).eps * scale] = 0.0
+    return w, v
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)), computed in float64.
 
-    Covariances estimated from fewer samples than dimensions are singular and `sqrtm` of their
-    product can come back non-finite; then, as in the TTUR / pytorch-fid reference code, eps*I is
-    added to both diagonals. Round-off leaves a tiny imaginary part, which is dropped; only the
-    diagonal is checked because only the trace enters the distance. A large one means an input is
-    not positive semi-definite, and is an error rather than a silently wrong number.
+    Only the trace of the square root enters, and sigma1 sigma2 has the same eigenvalues as the
+    symmetric PSD matrix M = sigma1^(1/2) sigma2 sigma1^(1/2), so Tr (sigma1 sigma2)^(1/2) is the sum
+    of the square roots of M's eigenvalues, from symmetric eigendecompositions (`eigh`). Unlike a
+    general matrix square root (`scipy.linalg.sqrtm`), this stays accurate for the singular covariances
+    of fewer samples than dimensions (per-class FID with a handful of images in a 64-d feature space):
+    no eps*I regularisation, no complex round-off, no warning. An input with a clearly negative
+    eigenvalue is an error rather than a silently wrong number.
     """
     mu1, mu2 = (np.atleast_1d(np.asarray(m, np.float64)) for m in (mu1, mu2))
     sigma1, sigma2 = (np.atleast_2d(np.asarray(s, np.float64)) for s in (sigma1, sigma2))
@@ -50,24 +72,16 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
         raise ValueError(
             f"shape mismatch: mu1 {mu1.shape}, sigma1 {sigma1.shape}, mu2 {mu2.shape}, sigma2 {sigma2.shape}"
         )
-    with warnings.catch_warnings():
-        # scipy warns "Matrix is singular ..." (wording varies by version) for exactly singular products,
-        # which rank-deficient covariances are; a finite result is correct and a non-finite one is redone below
-        warnings.filterwarnings("ignore", message=r"Matrix is singular")
-        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-        if not np.isfinite(covmean).all():
-            offset = np.eye(d) * eps
-            covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        imag = np.abs(np.diagonal(covmean).imag).max()
-        if imag > MAX_IMAG:
-            raise ValueError(
-                f"sqrtm(sigma1 @ sigma2) has imaginary diagonal entries up to {imag:.3g} (> {MAX_IMAG}); "
-                "the covariances are probably not positive semi-definite"
-            )
-        covmean = covmean.real
+    if not all(np.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):
+        raise ValueError("the means and covariances must be finite (no NaN or inf)")
+    sigma1, sigma2 = (sigma1 + sigma1.T) / 2, (sigma2 + sigma2.T) / 2
+    w1, v1 = _psd_eigh(sigma1, "sigma1")
+    _psd_eigh(sigma2, "sigma2", vectors=False)  # only checked: sigma2 enters M as it is
+    root1 = (v1 * np.sqrt(w1)) @ v1.T
+    inner = root1 @ sigma2 @ root1
+    w, _ = _psd_eigh((inner + inner.T) / 2, "sigma1^(1/2) sigma2 sigma1^(1/2)", vectors=False)
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sqrt(w).sum())
 
 
 def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

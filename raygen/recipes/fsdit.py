@@ -81,6 +81,7 @@ class FewShotEvalConfig:
     episodes_per_class: int = 8  # episodes of `shots` supports per unseen class
     samples_per_episode: int = 4  # generations per episode
     reference_per_class: int = 30  # held-out real images per class: the FID reference, never supports
+    judge_per_class: int = 20  # real images per class the accuracy classifier trains on, never supports
     settings: dict[str, Any] = field(default_factory=dict)  # sampler settings (steps, cfg_scale); unset: method's
     preview: dict[str, Any] = field(default_factory=dict)  # sampler settings of the training-time grids
     classifier_steps: int = 600  # the evaluation classifier and the feature network
@@ -89,9 +90,10 @@ class FewShotEvalConfig:
     cpus: int = 0  # 0 = every free CPU
 
     def validate(self):
-        if min(self.episodes_per_class, self.samples_per_episode) < 1 or self.reference_per_class < 2:
+        if min(self.episodes_per_class, self.samples_per_episode, self.judge_per_class) < 1 \
+                or self.reference_per_class < 2:
             raise ConfigError("eval.episodes_per_class and eval.samples_per_episode must be >= 1 and "
-                              "eval.reference_per_class >= 2 (FID needs a covariance)")
+                              "eval.judge_per_class >= 1, eval.reference_per_class >= 2 (FID needs a covariance)")
         for section in ("settings", "preview"):
             for key in getattr(self, section):
                 if key not in FlowMatching.sampler_settings:

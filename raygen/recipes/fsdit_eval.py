@@ -40,7 +40,12 @@ def evaluate_fewshot(task, ema_params, run_dir) -> dict:
     unseen = [int(c) for c in split["splits"][ev.split]["class_ids"]]
     seen = [int(c) for c in split["splits"]["train"]["class_ids"]]
     labels = listing_labels(data.targets)
+    # three disjoint sets per unseen class: the FID reference, the judge's training images, the support
+    # pool; a generator that copied its supports could not pass the judge by sharing its training images
     pool, reference = holdout(labels, unseen, ev.reference_per_class, ev.seed)
+    rest = labels.copy()
+    rest[reference] = -1
+    pool, judged = holdout(rest, unseen, ev.judge_per_class, ev.seed + 1)
     rng = np.random.default_rng(ev.seed)
 
     def pixels(idx) -> torch.Tensor:
@@ -50,8 +55,8 @@ def evaluate_fewshot(task, ema_params, run_dir) -> dict:
     seen_idx = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:SEEN_PER_CLASS] for c in seen])
     t0 = time.perf_counter()
     features = train_classifier(pixels(seen_idx), labels[seen_idx], seed=ev.seed, steps=ev.classifier_steps)
-    # the judge: a classifier trained on real images of the unseen classes' support pools
-    judge = train_classifier(pixels(pool), labels[pool], seed=ev.seed + 1, steps=ev.classifier_steps)
+    # the judge: a classifier trained on real images of the unseen classes, none of them a support or a reference
+    judge = train_classifier(pixels(judged), labels[judged], seed=ev.seed + 1, steps=ev.classifier_steps)
     print(f"eval: feature network ({len(seen)} seen classes) and judge ({len(unseen)} unseen classes) trained in "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
 
@@ -98,7 +103,8 @@ def evaluate_fewshot(task, ema_params, run_dir) -> dict:
         "protocol": {"episodes_per_class": ev.episodes_per_class, "samples_per_episode": ev.samples_per_episode,
                      "shots": task.shots, "reference_per_class": ev.reference_per_class,
                      "feature_network": f"trained on {len(seen_idx)} real images of the {len(seen)} seen classes",
-                     "judge": f"trained on {len(pool)} real support-pool images of the {len(unseen)} unseen classes"},
+                     "judge": f"trained on {len(judged)} real images of the {len(unseen)} unseen classes, disjoint "
+                              "from the supports and the reference"},
     })
     print("eval: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()),
           flush=True)
