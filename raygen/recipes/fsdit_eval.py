@@ -106,6 +106,4 @@ def evaluate_fewshot(task, ema_params, run_dir) -> dict:
                      "judge": f"trained on {len(judged)} real images of the {len(unseen)} unseen classes, disjoint "
                               "from the supports and the reference"},
     })
-    print("eval: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()),
-          flush=True)
-    return metrics
+    return metrics  # the job prints them (a worker's print could arrive after the job's last line)

@@ -24,6 +24,7 @@ def test_fsdit_smoke_with_failure_then_two_workers_agree(run_job, tmp_path):
     import jax
 
     from raygen.config import load_config
+    from raygen.core.job import preset_dir
     from raygen.recipes.fsdit import FSDiTConfig, FSDiTTask, prepare_stages
     from raygen.train.driver import fit
     from raygen.train.jax_backend import load_exported_jax
@@ -47,7 +48,8 @@ def test_fsdit_smoke_with_failure_then_two_workers_agree(run_job, tmp_path):
         Image.open(run_dir / png).verify()
 
     # the export rebuilds the network from its NetSpec and holds the final checkpoint's EMA
-    cfg, _ = load_config(FSDiTConfig, config_file=str(run_dir / "config.yaml"))
+    cfg, _ = load_config(FSDiTConfig, preset=None, preset_dir=preset_dir("fsdit"),
+                         config_file=str(run_dir / "config.yaml"))
     cfg = prepare_stages(cfg, tmp_path)
     task = FSDiTTask(cfg)
     net, ema, record = load_exported_jax(run_dir)
@@ -59,7 +61,8 @@ def test_fsdit_smoke_with_failure_then_two_workers_agree(run_job, tmp_path):
 
     # the same 20 steps on 2 workers (one global batch, one mesh), uninterrupted: the same parameters
     two = tmp_path / "two_workers"
-    cfg2, _ = load_config(FSDiTConfig, config_file=str(run_dir / "config.yaml"),
+    cfg2, _ = load_config(FSDiTConfig, preset=None, preset_dir=preset_dir("fsdit"),
+                          config_file=str(run_dir / "config.yaml"),
                           overrides=["train.num_workers=2", "debug.fail_at_step=null", "eval.enabled=false",
                                      "log.wandb=false", "log.tensorboard=false"])
     cfg2 = prepare_stages(cfg2, tmp_path)

@@ -17,7 +17,7 @@ def test_tpu_path_on_a_simulated_slice(tmp_path):
                           text=True, timeout=600, env={k: v for k, v in __import__("os").environ.items()
                                                        if k != "RAY_ADDRESS"})
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads((tmp_path / "result.json").read_text())
     assert result["error"] is None and result["checkpoint"]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for r, seen in enumerate(ranks):  # one JAX process per host, joined into one 2-device runtime by Ray

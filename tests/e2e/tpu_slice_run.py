@@ -1,7 +1,7 @@
 """Run by test_fsdit_tpu.py in its own process (it needs its own Ray cluster): a local cluster with a
 simulated 2-host TPU v4 slice (the resources and labels Ray's TPU nodes carry; JAX on CPU), and the JAX
 backend's TPU path (`train.use_tpu=true`) training a tiny FSDiT-shaped task on it. Each worker writes
-what JAX saw to <out>/rank<r>.json."""
+what JAX saw to <out>/rank<r>.json, the driver the run's outcome to <out>/result.json."""
 import json
 import os
 import sys
@@ -91,8 +91,9 @@ def main(out: str) -> None:
     tc = TrainConfig(steps=4, batch_size=4, num_workers=2, use_tpu=True, topology="2x2x2",
                      accelerator_type="TPU-V4", log_every=2, ckpt_every=4, sample_every=100)
     result = fit(SliceTask(Cfg(train=tc), out), Path(out) / "run")
-    print(json.dumps({"error": None if result.error is None else repr(result.error),
-                      "checkpoint": None if result.checkpoint is None else result.checkpoint.path}))
+    Path(out, "result.json").write_text(json.dumps({
+        "error": None if result.error is None else repr(result.error),
+        "checkpoint": None if result.checkpoint is None else result.checkpoint.path}))
     ray.shutdown()
     cluster.shutdown()
 
