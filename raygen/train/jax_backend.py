@@ -134,7 +134,7 @@ def make_train_step(net, method, opt, tc: TrainConfig):
         loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch, key, poison)
         if tc.nonfinite_grads == "nan_to_num":
             grads = jax.tree.map(lambda g: jnp.nan_to_num(g, nan=0.0, posinf=1e5, neginf=-1e5), grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         finite = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
