@@ -251,6 +251,7 @@ def train_loop_per_worker(config: dict) -> None:
     progress = Progress(tc.steps, counters.step, f"train {run_dir.name}") if rank == 0 and cfg.log.progress else None
 
     window = []  # device scalars of the steps since the last report; read only when reporting
+    pending = None  # (step, finite flag) of the last step, not yet counted
     window_start, window_t = counters.step, time.perf_counter()
     last_norm = None
     while counters.step < tc.steps:
@@ -266,17 +267,11 @@ def train_loop_per_worker(config: dict) -> None:
         state, out = train_step(state, batch, np.float32(ema_decay(tc, step)), poison)
         window.append(out)
         counters.step += 1
-        if tc.nonfinite_grads == "skip" or cfg.debug.nan_at_steps:
-            finite = bool(host(out["finite"]))  # the host must know to stop after too many in a row
-            if finite:
-                counters.nonfinite_in_a_row = 0
-            else:
-                counters.nonfinite_total += 1
-                counters.nonfinite_in_a_row += 1
-                if counters.nonfinite_in_a_row >= tc.max_nonfinite_in_a_row:
-                    raise NonFiniteLossError(
-                        f"stopping at step {step}: {counters.nonfinite_in_a_row} non-finite losses/gradients in a row "
-                        "(train.max_nonfinite_in_a_row); lower optim.lr, enable optim.grad_clip, or check the data")
+        # the previous step's flag: it has finished (or nearly) while this one runs, so the host reads it
+        # without stalling the device; the counters lag one step, and are flushed before any checkpoint
+        if pending is not None:
+            _count_nonfinite(counters, pending, tc)
+        pending = (step, out["finite"]) if tc.nonfinite_grads == "skip" or cfg.debug.nan_at_steps else None
         step = counters.step
         last = step == tc.steps
         if progress is not None and (time.perf_counter() - progress.last >= progress.interval):
@@ -284,6 +279,8 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0 and (step % tc.sample_every == 0 or last):
             _write_preview(task, net, host(state["ema"]), run_dir, step, logger)
         if step % tc.log_every == 0 or step % tc.ckpt_every == 0 or last:
+            _count_nonfinite(counters, pending, tc)  # a report reads the whole window anyway
+            pending = None
             vals = host(window)
             losses = [float(v["loss"]) for v in vals if bool(v["finite"])]
             last_norm = float(vals[-1]["grad_norm"])
@@ -311,6 +308,23 @@ def train_loop_per_worker(config: dict) -> None:
         progress.update(counters.step, float("nan"), force=True)
     if logger is not None:
         logger.close()
+
+
+def _count_nonfinite(counters: Counters, pending, tc: TrainConfig) -> None:
+    """Count a step's non-finite loss/gradient (its update was skipped or sanitised) and stop after
+    `train.max_nonfinite_in_a_row` in a row."""
+    if pending is None:
+        return
+    step, finite = pending
+    if bool(host(finite)):
+        counters.nonfinite_in_a_row = 0
+        return
+    counters.nonfinite_total += 1
+    counters.nonfinite_in_a_row += 1
+    if counters.nonfinite_in_a_row >= tc.max_nonfinite_in_a_row:
+        raise NonFiniteLossError(
+            f"stopping at step {step}: {counters.nonfinite_in_a_row} non-finite losses/gradients in a row "
+            "(train.max_nonfinite_in_a_row); lower optim.lr, enable optim.grad_clip, or check the data")
 
 
 def _write_preview(task, net, ema_host, run_dir, step, logger):

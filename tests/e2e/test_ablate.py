@@ -324,6 +324,7 @@ def _which(cmd):
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # ~100 s; left out of the default run for time (pytest -m extended runs it)
 def test_dit_sampler_smoke_evaluates_one_shared_network(tmp_path, job_env):
     """Evaluation-only trials: the DiT is trained once (stages/train), each trial only samples it with
     its own sampler settings, and a trial's FID is what evaluating that checkpoint directly gives."""

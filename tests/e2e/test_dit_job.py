@@ -60,6 +60,7 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # ~2 min of its own head node; left out of the default run for time (pytest -m extended)
 def test_ray_job_submit_against_a_head_node(tmp_path):
     """The README's cluster form: ray start --head, then RAY_AUTH_MODE=token ray job submit."""
     port, dash = free_port(), free_port()

@@ -29,7 +29,13 @@ def test_fsdit_smoke_with_failure_then_two_workers_agree(run_job, tmp_path):
     from raygen.train.driver import fit
     from raygen.train.jax_backend import load_exported_jax
 
-    run_dir, proc = run_job("fsdit", "--preset", "smoke", "debug.fail_at_step=12", "run.name=fs")
+    from raygen.data.tiny_models import tiny_siglip
+
+    # a local SigLIP directory (the hub-id-or-path loading code); untrained: the default's brief training
+    # into the cache is the job's, measured in the README, and would only cost time here
+    siglip = tiny_siglip(tmp_path / "siglip", steps=0)
+    run_dir, proc = run_job("fsdit", "--preset", "smoke", "debug.fail_at_step=12", "run.name=fs",
+                            f"stage.siglip={siglip}")
     assert run_dir.parent == tmp_path / "fsdit"
     for stage in ("stage 1: episodes", "stage 2: support embeddings", "stage 3: target images", "stage 4: training"):
         assert stage in proc.stdout
