@@ -277,7 +277,9 @@ def child_supports(cfg, a) -> dict:
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count()))
     torch.set_num_threads(len(cores))  # the encoder gets every core of the worker, not Ray's OMP_NUM_THREADS
     task = FSDiTTask(cfg)
-    encoder = SupportEncoder(resolve_model(cfg.stage.siglip), task.data)
+    # the very model the store was encoded with (its meta records the resolved path or hub id)
+    encoder = SupportEncoder(task.data.supports.meta["encoder"].get("model") or resolve_model(cfg.stage.siglip),
+                             task.data)
     stepper = Stepper(task)
     cached = task.batches(DataPosition(), 0, 1, None)  # raygen's own stream
     encoded = episode_stream(task, encoder)
