@@ -30,11 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from raygen.config import to_dict
 from raygen.core.progress import Progress
 from raygen.train.checkpoint import read_record, write_record
 from raygen.train.config import OptimConfig, TrainConfig
 from raygen.train.state import Counters, ema_decay
+from raygen.train.logging import open_run_logger
 
 STATE_DIR = "state"  # the orbax checkpoint inside a checkpoint directory
 EXPORT_JAX = "net_ema.msgpack"
@@ -238,15 +238,7 @@ def train_loop_per_worker(config: dict) -> None:
     state = replicate(state_host, replicated)
     train_step = make_train_step(net, method, opt, tc)
 
-    logger = None
-    if rank == 0:
-        from raygen.train.logging import MetricsLogger, truncate_metrics
-
-        truncate_metrics(run_dir, counters.step)
-        logger = MetricsLogger(run_dir, to_dict(cfg), tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb,
-                               wandb_project=cfg.log.wandb_project, run_name=run_dir.name,
-                               group=cfg.log.wandb_group, system_stats=cfg.log.wandb_system_stats)
-        (run_dir / "samples").mkdir(exist_ok=True)
+    logger = open_run_logger(run_dir, cfg, counters.step) if rank == 0 else None
     stream = task.batches(counters.data, rank, world, None)
     progress = Progress(tc.steps, counters.step, f"train {run_dir.name}") if rank == 0 and cfg.log.progress else None
 

@@ -85,3 +85,18 @@ class MetricsLogger:
             self.tb.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+def open_run_logger(run_dir: Path, cfg, resumed_step: int) -> "MetricsLogger":
+    """Rank 0's sinks for a (possibly resumed) run: records after `resumed_step` dropped, then
+    metrics.jsonl / TensorBoard / W&B as `cfg.log` says, and the samples/ folder made."""
+    from raygen.config import to_dict
+
+    truncate_metrics(run_dir, resumed_step)
+    log = cfg.log
+    logger = MetricsLogger(run_dir, to_dict(cfg), tensorboard=log.tensorboard, wandb=log.wandb,
+                           wandb_project=log.wandb_project, run_name=Path(run_dir).name, group=log.wandb_group,
+                           system_stats=log.wandb_system_stats)
+    (Path(run_dir) / "samples").mkdir(exist_ok=True)
+    return logger
+

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-from raygen.config import to_dict
 from raygen.core.files import save_torch
 from raygen.core.progress import Progress
 from raygen.train.checkpoint import STATE_FILE, export_ema, read_record, write_record
@@ -35,6 +34,7 @@ from raygen.train.state import (
     sanitize_grads,
     set_rng_state,
 )
+from raygen.train.logging import open_run_logger
 
 
 class NonFiniteLossError(RuntimeError):
@@ -118,15 +118,7 @@ def train_loop_per_worker(config: dict) -> None:
             else:  # world size changed: a fresh but deterministic stream for this rank
                 generator.manual_seed(tc.seed * 1000 + rank + 7919 * counters.step)
 
-    logger = None
-    if rank == 0:
-        from raygen.train.logging import MetricsLogger, truncate_metrics
-
-        truncate_metrics(run_dir, counters.step)
-        logger = MetricsLogger(run_dir, to_dict(cfg), tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb,
-                               wandb_project=cfg.log.wandb_project, run_name=run_dir.name,
-                               group=cfg.log.wandb_group, system_stats=cfg.log.wandb_system_stats)
-        (run_dir / "samples").mkdir(exist_ok=True)
+    logger = open_run_logger(run_dir, cfg, counters.step) if rank == 0 else None
 
     use_amp = device.type == "cuda" and tc.amp in ("auto", "bf16")
     model = net

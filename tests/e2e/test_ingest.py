@@ -365,6 +365,7 @@ def test_store_random_access_and_dataset(mean_store, ray_cluster):
 
 
 @pytest.mark.slow  # trains the tiny VAE once (~80 s of its ~140 s)
+@pytest.mark.extended  # left out of the default run for time (pytest -m extended runs it)
 def test_latents_decode_back_to_the_input_and_inspect_writes_a_grid(ray_cluster, jpeg_tree, tmp_path):
     from raygen.data.encoders import decode_latents
     from raygen.data.inspect import main as inspect_main
