@@ -421,7 +421,10 @@ def evaluate(cfg: FSDiTConfig, run_dir, trained_run) -> dict:
 def resolve(cfg: FSDiTConfig) -> FSDiTConfig:
     from raygen.data.fewshot_prep import parse_split
 
-    parse_split(cfg.data.split)
+    try:
+        parse_split(cfg.data.split)
+    except ConfigError as e:  # the recipe's key is data.split
+        raise ConfigError(f"data.{e}") from None
     if cfg.model.size not in SIZES:
         raise ConfigError(f"model.size={cfg.model.size!r}; choose one of {', '.join(SIZES)}")
     return cfg
