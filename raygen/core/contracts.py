@@ -108,12 +108,15 @@ class Task(abc.ABC):
         return x
 
     def generate(self, method: Method, net, cond: dict, generator, **settings):
-        """Samples for `cond` as images in [-1, 1]; noise and every other draw come from `generator`."""
+        """Samples for `cond` as images in [-1, 1]; noise and every other draw come from `generator`
+        (a torch.Generator, or a raygen.core.rng.SeedStack for draws that depend only on each seed)."""
         import torch
+
+        from raygen.core.rng import randn
 
         n = len(next(iter(cond.values())))
         device = next(net.parameters()).device
-        noise = torch.randn((n, *self.sample_shape), generator=generator, device=generator.device).to(device)
+        noise = randn(generator, (n, *self.sample_shape), device)  # a SeedStack gives per-seed noise
         with torch.no_grad():
             x = method.sample(net, noise, {k: v.to(device) for k, v in cond.items()}, generator, **settings)
         return self.to_pixels(x)
