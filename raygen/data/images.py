@@ -8,6 +8,8 @@ Sources:
   store            a store directory: a pixel store (training in pixel space) or a latent store
   latents          a latent store (the older spelling of `store`; it refuses a pixel store)
   image_folder     `<path>/<class>/*` decoded on the fly; encode it into a pixel store instead for speed
+  files            raw files (EDM zip, image folder, .npy/.nii volumes) that the recipe encodes once into a
+                   pixel store before training (the U-Net recipes: raygen.recipes.diffusion)
 
 `validate()` checks the config's own values; what only the files can tell (a store's resolution,
 that it exists and holds the right kind) is `resolve_data(cfg)`, which callers run before building
@@ -34,7 +36,7 @@ MAKE_STORE = "make one with jobs/encode_pixels.py (pixels) or jobs/encode_latent
 
 @dataclass
 class ImageDataConfig:
-    source: Literal["digits", "shapes", "image_folder", "store", "latents"] = "digits"
+    source: Literal["digits", "shapes", "image_folder", "store", "latents", "files"] = "digits"
     resolution: int = 16  # store/latents: set from the store by resolve_data
     path: Optional[str] = None  # image_folder: <path>/<class_name>/*.{jpg,png,...}; store/latents: a store directory
     latent_flips: Literal["both", "plain"] = "both"  # latents with stored flipped copies: stream both or plain only
@@ -73,6 +75,10 @@ def resolve_data(cfg: ImageDataConfig) -> ImageDataConfig:
     ConfigError naming `data.path` and the fix."""
     if cfg.source == "image_folder" and not Path(cfg.path).is_dir():
         raise ConfigError(f"data.path={cfg.path!r} is not a directory; point it at a class-folder tree")
+    if cfg.source == "files":
+        raise ConfigError("data.source=files (raw files encoded by the recipe) is read by the U-Net recipes (edm, sdd); "
+                          f"for this one, encode {cfg.path or 'the files'} with jobs/encode_pixels.py and set "
+                          "data.source=store data.path=<store>")
     if cfg.source not in STORE_SOURCES:
         return dataclasses.replace(cfg)
     meta = store_meta(cfg)

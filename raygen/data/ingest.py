@@ -77,6 +77,8 @@ class IngestConfig:
 class PixelStoreConfig:
     path: str | None = None  # default: <runs-root>/stores/<source>-<split>-pixels-<resolution>
     shard_size: int = 1024  # items per shard file
+    # gray: one channel (the mean of R, G, B; exact for grayscale sources such as CT slices), [1,H,W]
+    channels: Literal["rgb", "gray"] = "rgb"
 
     def validate(self):
         if self.shard_size < 1:
@@ -123,7 +125,10 @@ class Decoder:
 
     def _prepare(self, images: list[np.ndarray]) -> dict:
         if self.kind == "pixels":  # the store's array itself: uint8 [C,H,W], channel-first like the latents
-            u8 = np.clip(np.rint(np.stack(images) * 255.0), 0, 255).astype(np.uint8)
+            x = np.stack(images)
+            if self.cfg.store.channels == "gray":
+                x = x.mean(axis=-1, keepdims=True)
+            u8 = np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
             return {"image": np.ascontiguousarray(u8.transpose(0, 3, 1, 2))}
         if self.kind == "vae":  # VAE input: NCHW in [-1, 1]
             x = np.stack(images).transpose(0, 3, 1, 2) * 2.0 - 1.0
@@ -179,7 +184,8 @@ def fingerprint(cfg: IngestConfig | PixelIngestConfig) -> str:
         d["source"].pop("max_pixels")
     if d["source"].get("per_class") == 100:  # likewise for stores made before source.per_class existed
         d["source"].pop("per_class")
-    d["store"] = {k: d["store"][k] for k in ("dtype", "flip_copies") if k in d["store"]}
+    d["store"] = {k: d["store"][k] for k in ("dtype", "flip_copies") if k in d["store"]} | (
+        {"channels": "gray"} if d["store"].get("channels") == "gray" else {})  # rgb stores made before still resume
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -380,7 +386,8 @@ def finalize(cfg, store_dir: Path, listing: Listing, encoder_meta: dict, arrays:
 
 
 def _pixels_meta(cfg: PixelIngestConfig) -> dict:
-    return {"layout": "CHW", "dtype": "uint8", "channels": "RGB", "value_range": [0, 255],
+    return {"layout": "CHW", "dtype": "uint8", "channels": "L" if cfg.store.channels == "gray" else "RGB",
+            "value_range": [0, 255],
             "model_input": "image / 127.5 - 1 (float32 in [-1, 1])", "seed": cfg.seed}
 
 

@@ -191,7 +191,10 @@ def evaluate(task, ema_state: dict, run_dir: Path, cpus: int = 0) -> dict:
     def run(n: int, net_, **s) -> tuple[dict, torch.Tensor]:
         t0 = time.perf_counter()
         images, cond = ev.sample(method, net_, n, **s)
-        return {**ev.score(images, cond), "num_samples": n, "sample_seconds": round(time.perf_counter() - t0, 2)}, images
+        # network evaluations per sample (a guided pass on a doubled batch counts once), where the method says
+        nfe = {"nfe": method.nfe(**s)} if hasattr(method, "nfe") else {}
+        return {**ev.score(images, cond), "num_samples": n, "sample_seconds": round(time.perf_counter() - t0, 2),
+                **nfe}, images
 
     metrics: dict = {"recipe": task.recipe, "weights": "ema", "fid_features": getattr(ev.extractor, "name", None)}
     rows, headline = [], None

@@ -176,6 +176,10 @@ class DDPM(Method):
         var = beta * (1 - ab_prev) / (1 - ab)
         return mean + math.sqrt(var) * noise
 
+    def nfe(self, **settings) -> int:
+        """Network evaluations per sample: one per step (the guided pair runs as one doubled batch)."""
+        return int(settings.get("steps", self.cfg.sample_steps))
+
     def default_settings(self) -> dict:
         c = self.cfg
         return {"steps": c.sample_steps, "cfg_scale": c.cfg_scale}

@@ -387,6 +387,10 @@ class Drifting(Method):
         self._real_images, self._cache = real_images, None
         self.last_stats, self.last_omega = None, None
 
+    def nfe(self, **settings) -> int:
+        """One network evaluation per sample: the generator maps noise to an image in one step."""
+        return 1
+
     def default_settings(self) -> dict:
         return {"omega": 1.0}
 

@@ -14,13 +14,16 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from raygen.config import ConfigError
+from raygen.train.config import OptimConfig, TrainConfig, resolve_image_units
 
 # built-in recipes: name -> module that registers it (imported on first use)
 BUILTIN = {
     "dit": "raygen.recipes.dit",
     "drifting": "raygen.recipes.drifting",
+    "edm": "raygen.recipes.edm",
     "fsdit": "raygen.recipes.fsdit",
     "latent_mae": "raygen.recipes.latent_mae",
+    "sdd": "raygen.recipes.sdd",
 }
 
 
@@ -89,5 +92,12 @@ def get(name: str) -> Recipe:
 
 
 def resolved(recipe: Recipe, cfg: Any) -> Any:
-    """`cfg` with the recipe's derived values (a new object; `cfg` itself is left as given)."""
-    return recipe.resolve(cfg) if recipe.resolve is not None else cfg
+    """`cfg` with the recipe's derived values and the step counts of durations given in images (a new
+    object; `cfg` itself is left as given)."""
+    cfg = recipe.resolve(cfg) if recipe.resolve is not None else cfg
+    # image units after the recipe's own values: the batch size they divide by may be derived (drifting)
+    if isinstance(getattr(cfg, "train", None), TrainConfig) and isinstance(getattr(cfg, "optim", None), OptimConfig):
+        train, optim = resolve_image_units(cfg.train, cfg.optim)
+        if (train, optim) != (cfg.train, cfg.optim):
+            cfg = dataclasses.replace(cfg, train=train, optim=optim)
+    return cfg

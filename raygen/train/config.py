@@ -26,6 +26,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     warmup_steps: int = 100
+    warmup_kimg: Optional[float] = None  # the warm-up in thousands of images (EDM's ramp-up); sets warmup_steps
     schedule: Literal["constant", "cosine"] = "constant"
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
@@ -34,6 +35,8 @@ class OptimConfig:
         if self.kind == "adam" and self.weight_decay:
             raise ConfigError(f"optim.kind=adam takes no weight decay (got optim.weight_decay={self.weight_decay}); "
                               "use optim.kind=adamw or set optim.weight_decay=0")
+        if self.warmup_kimg is not None and self.warmup_kimg < 0:
+            raise ConfigError("optim.warmup_kimg must be >= 0 (or null to use optim.warmup_steps)")
         if self.lr <= 0 or self.eps <= 0:
             raise ConfigError("optim.lr and optim.eps must be > 0")
 
@@ -41,6 +44,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     steps: int = 1000
+    duration_kimg: Optional[float] = None  # the run's length in thousands of images (EDM); sets steps
     batch_size: int = 128  # global, summed over workers and accumulation micro-steps; 0 = the recipe sets it
     grad_accum: int = 1
     num_workers: int = 1
@@ -86,6 +90,8 @@ class TrainConfig:
                               "train.accelerator_type (e.g. TPU-V5E), as the slice was created")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError("train.ema_decay must be in [0, 1)")
+        if self.duration_kimg is not None and self.duration_kimg <= 0:
+            raise ConfigError("train.duration_kimg must be > 0 (or null to use train.steps)")
         if self.ema_halflife_kimg is not None and self.ema_halflife_kimg <= 0:
             raise ConfigError("train.ema_halflife_kimg must be > 0 (or null to use train.ema_decay)")
 
@@ -105,3 +111,16 @@ class LogConfig:
 class DebugConfig:
     fail_at_step: Optional[int] = None  # raise once in every worker at this step (tests fault tolerance)
     nan_at_steps: list[int] = field(default_factory=list)  # make the loss NaN at these steps
+
+
+def resolve_image_units(train: TrainConfig, optim: OptimConfig) -> tuple[TrainConfig, OptimConfig]:
+    """EDM states durations in images (arXiv 2206.00364, App. F: 200 Mimg, LR ramp-up over 10 Mimg); with
+    `train.duration_kimg` / `optim.warmup_kimg` set, the step counts follow from the global batch."""
+    import dataclasses
+    import math
+
+    if train.duration_kimg is not None:
+        train = dataclasses.replace(train, steps=max(1, math.ceil(train.duration_kimg * 1000 / train.batch_size)))
+    if optim.warmup_kimg is not None:
+        optim = dataclasses.replace(optim, warmup_steps=math.ceil(optim.warmup_kimg * 1000 / train.batch_size))
+    return train, optim

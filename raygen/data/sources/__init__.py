@@ -9,18 +9,21 @@ Kinds:
   class_folders  `<path>/[<split>/]<class>/<files>` (ImageNet layout), labels = sorted class folders
   folder         any tree of files; labels from an EDM `dataset.json`, from top-level subfolders, or none
   zip            the same as folder, inside one .zip file (members are keys)
-  npy            a .npy/.npz file or a directory of them: image stacks or volumes sliced into images
+  npy            a .npy/.npz/.nii/.nii.gz file or a directory of them (NIfTI read with nibabel): image
+                 stacks or volumes sliced into images, through one intensity window for the whole source
   digits/shapes  the embedded data sets of `raygen.data.embedded`
   fewshot        the embedded few-shot set (96 classes, `source.per_class` images each, class-major)
 
 Key formats: files `rel/path.jpg` (relative to `source.path`, posix separators); zip members by
 name; npy `file.npy#<i>` (image i, or slice i of a single volume) and `file.npy#<n>/<s>` (slice s
-of volume n of a 4-D stack); embedded `digits/<split>/<index:06d>`, `shapes/<split>/<index:06d>`,
+of volume n of a 4-D stack); NIfTI `file.nii.gz#<s>` (slice s) and `file.nii.gz#<t>/<s>` (slice s of
+volume t of a 4-D time series); embedded `digits/<split>/<index:06d>`, `shapes/<split>/<index:06d>`,
 `fewshot/all/<index:06d>` (one split: its classes are divided later, by `raygen.data.episodes`).
 
 Modules: `common` (Listing, problems, decoding), `folders` (class_folders, folder), `edm_zip` (zip,
-dataset.json labels), `arrays` (npy), `embedded_kind` (digits, shapes, fewshot). This module holds the
-config, the kind resolution, `list_source` and `ItemReader`, which dispatch to them.
+dataset.json labels), `arrays` (npy), `nifti` (its NIfTI files), `embedded_kind` (digits, shapes,
+fewshot). This module holds the config, the kind resolution, `list_source` and `ItemReader`, which
+dispatch to them.
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ import numpy as np
 from PIL import Image
 
 from raygen.config import ConfigError
-from raygen.data.sources.arrays import list_npy, read_npy
+from raygen.data.sources.arrays import VOLUME_EXTENSIONS, array_suffix, list_npy, only_volume_files, read_npy
 from raygen.data.sources.common import (
     DEFAULT_MAX_PIXELS,
     ARRAY_EXTENSIONS,
@@ -54,7 +57,7 @@ from raygen.data.sources.embedded_kind import (
     list_embedded,
     read_embedded,
 )
-from raygen.data.sources.folders import list_class_folders, list_folder, only_arrays, read_file
+from raygen.data.sources.folders import list_class_folders, list_folder, read_file
 
 __all__ = [
     "ARRAY_EXTENSIONS",
@@ -62,6 +65,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "PATH_KINDS",
     "SHAPES_TEST_SEED_OFFSET",
+    "VOLUME_EXTENSIONS",
     "ItemReader",
     "Listing",
     "SourceConfig",
@@ -81,8 +85,11 @@ class SourceConfig:
     split: Optional[str] = None
     # folder/zip: auto = dataset.json if present, else subfolders if there are any, else none
     labels: Literal["auto", "dataset_json", "subfolders", "none"] = "auto"
-    npy_axis: int = 0  # volumes are sliced along this axis of each volume (see list_source)
-    # npy: fixed [lo, hi] window mapped to [0, 1]; None = global min/max over the whole source
+    # npy: volumes are sliced along this axis of each volume, [D,H,W] for NPY, [X,Y,Z] as stored for
+    # NIfTI (2 is usually axial there); see arrays.list_npy
+    npy_axis: int = 0
+    # npy: fixed [lo, hi] window mapped to [0, 1] (NIfTI: in scaled units, e.g. HU); None = global
+    # min/max over the whole source. Never per slice.
     intensity: Optional[list[float]] = None
     resolution: int = 32  # digits/shapes/fewshot: generated size
     num_images: int = 4096  # shapes
@@ -115,7 +122,8 @@ class SourceConfig:
                 f"source.labels=dataset_json only applies to folder/zip sources, not {kind}; use source.labels=auto"
             )
         if not -3 <= self.npy_axis <= 2:
-            raise ConfigError(f"source.npy_axis must be an axis of a [D,H,W] volume (-3..2), got {self.npy_axis}")
+            raise ConfigError(f"source.npy_axis must be an axis of a [D,H,W] NPY volume or an [X,Y,Z] NIfTI volume "
+                              f"(-3..2; 2 is usually axial in NIfTI), got {self.npy_axis}")
         if self.intensity is not None and (len(self.intensity) != 2 or not self.intensity[0] < self.intensity[1]):
             raise ConfigError(
                 f"source.intensity must be [lo, hi] with lo < hi (e.g. source.intensity=[-1000,1000]) "
@@ -159,15 +167,15 @@ def _validate_path(kind: str, cfg: SourceConfig):
         "class_folders": "a directory <path>/[<split>/]<class>/<images>",
         "folder": "a directory of images (optionally with dataset.json or class subfolders)",
         "zip": "a .zip file of images",
-        "npy": "a .npy/.npz file or a directory of them",
+        "npy": "a .npy/.npz/.nii/.nii.gz file or a directory of them",
     }
     expect = f"source.kind={kind} expects {layouts[kind]}"
     if kind in ("class_folders", "folder") and not p.is_dir():
         raise ConfigError(f"source.path={cfg.path!r} is not a directory; {expect}")
     if kind == "zip" and not (p.is_file() and zipfile.is_zipfile(p)):
         raise ConfigError(f"source.path={cfg.path!r} is not a readable zip file; {expect}")
-    if kind == "npy" and not (p.is_dir() or (p.is_file() and p.suffix.lower() in ARRAY_EXTENSIONS)):
-        raise ConfigError(f"source.path={cfg.path!r} is not a .npy/.npz file or a directory; {expect}")
+    if kind == "npy" and not (p.is_dir() or (p.is_file() and array_suffix(p.name) in VOLUME_EXTENSIONS)):
+        raise ConfigError(f"source.path={cfg.path!r} is not a .npy/.npz/.nii/.nii.gz file or a directory; {expect}")
     if kind == "class_folders" and cfg.split is not None and not (p / cfg.split).is_dir():
         raise ConfigError(
             f"source.split={cfg.split!r}: {p / cfg.split} is not a directory; "
@@ -177,7 +185,7 @@ def _validate_path(kind: str, cfg: SourceConfig):
 
 def resolve_kind(cfg: SourceConfig) -> str:
     """The concrete kind for `source.kind=auto` (other kinds pass through):
-    a .zip file -> zip; a .npy/.npz file or a directory holding only .npy/.npz -> npy;
+    a .zip file -> zip; a .npy/.npz/.nii/.nii.gz file or a directory holding only such files -> npy;
     a directory whose (split) sub-directory holds only directories -> class_folders; else folder."""
     if cfg.kind != "auto":
         if cfg.kind in PATH_KINDS and not cfg.path:
@@ -187,23 +195,24 @@ def resolve_kind(cfg: SourceConfig) -> str:
         return cfg.kind
     if not cfg.path:
         raise ConfigError(
-            "source.kind=auto needs source.path=<image folder, class-folder tree, .zip, .npy/.npz>; "
+            "source.kind=auto needs source.path=<image folder, class-folder tree, .zip, .npy/.npz/.nii/.nii.gz>; "
             "or set source.kind=digits|shapes|fewshot for the embedded data"
         )
     p = Path(cfg.path)
     if not p.exists():
-        raise ConfigError(f"source.path={cfg.path!r} does not exist; point it at an image folder, .zip or .npy/.npz")
+        raise ConfigError(f"source.path={cfg.path!r} does not exist; point it at an image folder, .zip, "
+                          ".npy/.npz or NIfTI .nii/.nii.gz")
     if p.is_file():
-        suffix = p.suffix.lower()
+        suffix = array_suffix(p.name)
         if suffix == ".zip":
             return "zip"
-        if suffix in ARRAY_EXTENSIONS:
+        if suffix in VOLUME_EXTENSIONS:
             return "npy"
         raise ConfigError(
-            f"source.path={cfg.path!r} is a file but not .zip/.npy/.npz ({suffix or 'no extension'}); "
-            "source.kind=auto takes a directory, a .zip or a .npy/.npz file"
+            f"source.path={cfg.path!r} is a file but not .zip/.npy/.npz/.nii/.nii.gz ({suffix or 'no extension'}); "
+            "source.kind=auto takes a directory, a .zip, a .npy/.npz file or a NIfTI volume"
         )
-    if only_arrays(p):
+    if only_volume_files(p):
         return "npy"
     base = p / cfg.split if cfg.split else p
     if not base.is_dir():

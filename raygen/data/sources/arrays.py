@@ -1,12 +1,18 @@
-"""The `npy` kind: a .npy/.npz file or a directory of them, holding image stacks or volumes that are
-sliced into images. Arrays are memory-mapped (uncompressed .npz members in place), so a volume
-larger than RAM lists and reads in bounded memory; non-uint8 data goes through one intensity
-window for the whole source (fixed `source.intensity`, or the global min/max)."""
+"""The `npy` kind: a .npy/.npz/.nii/.nii.gz file or a directory of them, holding image stacks or
+volumes that are sliced into images. Arrays are memory-mapped (uncompressed .npz members in place,
+uncompressed NIfTI through nibabel), so a volume larger than RAM lists and reads in bounded memory.
+Non-uint8 data, and all NIfTI data (scaled by its header's scl_slope/scl_inter), goes through ONE
+intensity window for the whole source, fixed (`source.intensity`) or the global min/max over every
+file: a slice keeps its place on the source's intensity scale (e.g. Hounsfield units), never
+stretched to its own min/max. NIfTI specifics live in `nifti` (imported only when a source holds
+NIfTI files: nibabel costs a quarter of a second to import)."""
 from __future__ import annotations
 
+import os
 import struct
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
@@ -14,14 +20,56 @@ import numpy as np
 from PIL import Image
 
 from raygen.config import ConfigError
-from raygen.data.sources.common import ARRAY_EXTENSIONS, Listing, Problems, Tree, by_subfolder, unlabeled
+from raygen.data.sources.common import (
+    ARRAY_EXTENSIONS,
+    NIFTI_EXTENSIONS,
+    Listing,
+    Problems,
+    Tree,
+    by_subfolder,
+    is_hidden,
+    unlabeled,
+)
 from raygen.data.sources.folders import scan_dir
 from raygen.data.transforms import ItemError
 
 if TYPE_CHECKING:
     from raygen.data.sources import SourceConfig
 
-__all__ = ["array_layout", "list_npy", "open_array", "read_npy", "windowed"]
+__all__ = ["VOLUME_EXTENSIONS", "array_layout", "array_suffix", "list_npy", "only_volume_files", "open_array",
+           "read_npy", "windowed"]
+
+VOLUME_EXTENSIONS = ARRAY_EXTENSIONS | NIFTI_EXTENSIONS  # every file the npy kind lists
+# what reading a damaged array file raises (numpy, zipfile, gzip/zlib; nibabel's own errors are
+# turned into ValueError by `nifti`)
+_READ_ERRORS = (OSError, ValueError, EOFError, KeyError, IndexError, zlib.error, zipfile.BadZipFile)
+
+
+def array_suffix(name: str) -> str:
+    """The extension a file is classified by: `.nii.gz` as one, else the last suffix (lower case)."""
+    low = name.lower()
+    return ".nii.gz" if low.endswith(".nii.gz") else os.path.splitext(low)[1]
+
+
+def only_volume_files(root: Path) -> bool:
+    """True if the tree holds at least one .npy/.npz/.nii/.nii.gz and no other (non-hidden) files.
+    Returns at the first other file, so an ImageNet-sized tree costs one directory read."""
+    found = False
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not is_hidden(d)]
+        for f in filenames:
+            if is_hidden(f):
+                continue
+            if array_suffix(f) not in VOLUME_EXTENSIONS:
+                return False
+            found = True
+    return found
+
+
+def _nifti():
+    from raygen.data.sources import nifti
+
+    return nifti
 
 
 def _npz_header(path: Path, member: str) -> tuple[tuple, np.dtype, bool, Optional[int]]:
@@ -79,6 +127,11 @@ def windowed(layout: str, dtype: np.dtype) -> bool:
     return not (layout in ("image", "images") and dtype == np.uint8)
 
 
+def _is_windowed(meta: dict) -> bool:
+    """NIfTI voxels are always windowed: their header scaling makes even uint8 storage physical values."""
+    return meta.get("format") == "nifti" or windowed(meta["layout"], np.dtype(meta["dtype"]))
+
+
 def open_array(path: Path, meta: dict):
     """A memory map of the array (never the whole volume in RAM), except for compressed .npz
     members, which numpy can only decompress in full."""
@@ -115,12 +168,15 @@ def _item_count(layout: str, shape: tuple, axis: int) -> list[str]:
 
 
 def list_npy(cfg: SourceConfig, problems: Problems) -> Listing:
-    """.npy/.npz files, see `array_layout` for how the array's ndim decides images vs volumes.
+    """.npy/.npz files, see `array_layout` for how the array's ndim decides images vs volumes, and
+    .nii/.nii.gz files, see `nifti` ([X,Y], [X,Y,Z], or [X,Y,Z,T] time series sliced per volume).
 
     `source.npy_axis` counts within one volume [D,H,W]: for a 3-D array it is the array's axis,
-    for a 4-D [N,D,H,W] stack it is axis 1 + npy_axis of the array (N is never sliced).
+    for a 4-D [N,D,H,W] stack it is axis 1 + npy_axis of the array (N is never sliced); for NIfTI
+    it is the axis of [X,Y,Z] as stored (T is never sliced).
     Labels: class sub-folders (every slice of a file gets its folder's label); else an .npz
     `labels` array of length N (images or volumes; 1 for a single volume/image); else unlabeled.
+    A file that cannot be read (corrupt, truncated, not an array) is a listing problem naming it.
     """
     p = Path(cfg.path)
     axis = cfg.npy_axis % 3
@@ -128,9 +184,9 @@ def list_npy(cfg: SourceConfig, problems: Problems) -> Listing:
         root, tree = p.parent, Tree([p.name], [], set())
     else:
         root, tree = p, scan_dir(p, problems)
-        for f in [f for f in tree.files if Path(f).suffix.lower() not in ARRAY_EXTENSIONS]:
-            problems.add(f, "not a .npy/.npz file")
-        tree.files = [f for f in tree.files if Path(f).suffix.lower() in ARRAY_EXTENSIONS]
+        for f in [f for f in tree.files if array_suffix(f) not in VOLUME_EXTENSIONS]:
+            problems.add(f, "not a .npy/.npz/.nii/.nii.gz file")
+        tree.files = [f for f in tree.files if array_suffix(f) in VOLUME_EXTENSIONS]
     mode = cfg.labels
     if mode == "auto":
         mode = "subfolders" if tree.top_dirs else "none"
@@ -143,17 +199,28 @@ def list_npy(cfg: SourceConfig, problems: Problems) -> Listing:
     lo, hi = np.inf, -np.inf
     for rel, file_label in zip(files, file_labels):
         path = root / rel
+        nii = array_suffix(rel) in NIFTI_EXTENSIONS
         try:
-            meta, item_labels = _npy_meta(path, rel)
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-            problems.add(rel, f"unreadable array file: {e}")
+            meta, item_labels = (_nifti().nifti_meta(path, rel), None) if nii else _npy_meta(path, rel)
+        except _READ_ERRORS as e:
+            problems.add(rel, f"unreadable {'NIfTI' if nii else 'array'} file: {e}")
             continue
         layout = meta["layout"]
         if layout is None:
-            problems.add(rel, f"unsupported array shape {tuple(meta['shape'])} (expected [H,W], [D,H,W], [N,H,W,C] or [N,D,H,W])")
+            expected = "[X,Y], [X,Y,Z] or [X,Y,Z,T]" if nii else "[H,W], [D,H,W], [N,H,W,C] or [N,D,H,W]"
+            problems.add(rel, f"unsupported {'NIfTI' if nii else 'array'} shape {tuple(meta['shape'])} "
+                              f"(expected {expected})")
             continue
-        ids = _item_count(layout, tuple(meta["shape"]), axis)
-        n_outer = 1 if layout in ("image", "volume") else meta["shape"][0]
+        if _is_windowed(meta) and cfg.intensity is None:
+            try:
+                a_lo, a_hi = _nifti().nifti_extremes(path, meta) if nii else _minmax(open_array(path, meta))
+            except _READ_ERRORS as e:
+                problems.add(rel, f"unreadable {'NIfTI' if nii else 'array'} data: {e}")
+                continue
+            lo, hi = min(lo, a_lo), max(hi, a_hi)
+        shape = tuple(meta["shape"])
+        ids = _nifti().nifti_item_ids(layout, shape, axis) if nii else _item_count(layout, shape, axis)
+        n_outer = 1 if layout in ("image", "volume") else shape[0]
         per_item = np.full(len(ids), int(file_label), np.int64)
         if item_labels is not None and mode != "subfolders" and cfg.labels != "none":
             if item_labels.ndim != 1 or len(item_labels) != n_outer:
@@ -161,9 +228,6 @@ def list_npy(cfg: SourceConfig, problems: Problems) -> Listing:
             else:
                 per_item = np.repeat(item_labels.astype(np.int64), len(ids) // n_outer)
                 npz_labels = True
-        if windowed(layout, np.dtype(meta["dtype"])) and cfg.intensity is None:
-            a_lo, a_hi = _minmax(open_array(path, meta))
-            lo, hi = min(lo, a_lo), max(hi, a_hi)
         metas.append(meta)
         keys.extend(f"{rel}#{i}" for i in ids)
         labels.append(per_item)
@@ -174,7 +238,7 @@ def list_npy(cfg: SourceConfig, problems: Problems) -> Listing:
         window = [float(cfg.intensity[0]), float(cfg.intensity[1])]
     elif np.isfinite(lo) and np.isfinite(hi):
         window = [lo, hi]
-    elif any(windowed(m["layout"], np.dtype(m["dtype"])) for m in metas):
+    elif any(_is_windowed(m) for m in metas):
         raise ConfigError(
             f"source.path={cfg.path!r}: the arrays hold no finite values to take a min/max from; set source.intensity=[lo,hi]"
         )
@@ -212,20 +276,25 @@ def _window(x: np.ndarray, window) -> np.ndarray:
 
 
 def read_npy(info: dict, key: str, cached: Callable) -> Image.Image:
-    """Item `file.npy#<i>` or `file.npy#<n>/<s>` of an npy listing; `cached(name, make)` keeps the
-    memory map per process (see ItemReader)."""
+    """Item `file.npy#<i>`, `file.npy#<n>/<s>`, `file.nii.gz#<s>` or `file.nii.gz#<t>/<s>` of an
+    npy listing, windowed into a float image (mode F) in [0, 1]; `cached(name, make)` keeps memory
+    maps, NIfTI headers and the last decompressed .nii.gz volume per process (see ItemReader)."""
     rel, _, index = key.rpartition("#")
     meta = info["files"].get(rel)
     if meta is None:
         raise ItemError(f"{rel} is not in the listing")
+    path = Path(info["root"]) / rel
     try:
-        arr = cached(rel, lambda: open_array(Path(info["root"]) / rel, meta))
-        x = _npy_slice(arr, meta["layout"], index, info["axis"])
+        if meta.get("format") == "nifti":
+            x = _nifti().read_nifti_slice(path, meta, index, info["axis"], cached)
+        else:
+            arr = cached(rel, lambda: open_array(path, meta))
+            x = _npy_slice(arr, meta["layout"], index, info["axis"])
     except FileNotFoundError as e:
         raise ItemError(f"missing file (deleted after listing?): {e}") from e
-    except (OSError, ValueError, IndexError, zipfile.BadZipFile) as e:
+    except _READ_ERRORS as e:
         raise ItemError(f"unreadable array item: {e}") from e
-    if not windowed(meta["layout"], np.dtype(meta["dtype"])):
+    if not _is_windowed(meta):
         return Image.fromarray(np.ascontiguousarray(x[..., 0] if x.ndim == 3 and x.shape[-1] == 1 else x))
     y = _window(x, info["window"])
     if y.ndim == 3 and y.shape[-1] == 3:  # PIL has no float RGB mode: quantise to 8 bits

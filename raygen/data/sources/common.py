@@ -18,6 +18,7 @@ from raygen.data.transforms import ItemError
 __all__ = [
     "ARRAY_EXTENSIONS",
     "IMAGE_EXTENSIONS",
+    "NIFTI_EXTENSIONS",
     "PATH_KINDS",
     "Listing",
     "Problems",
@@ -31,6 +32,7 @@ __all__ = [
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
 ARRAY_EXTENSIONS = frozenset({".npy", ".npz"})
+NIFTI_EXTENSIONS = frozenset({".nii", ".nii.gz"})  # a compound suffix: match with arrays.array_suffix
 PATH_KINDS = ("class_folders", "folder", "zip", "npy")
 
 
