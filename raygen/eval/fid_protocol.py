@@ -339,7 +339,8 @@ class InceptionFeatures(FeatureSpace):
         from raygen.eval.fid import InceptionExtractor
 
         if inception_input not in INCEPTION_INPUTS:
-            raise ConfigError(f"--inception-input must be one of {', '.join(INCEPTION_INPUTS)}, got {inception_input!r}")
+            raise ConfigError(f"--inception-input must be one of {', '.join(INCEPTION_INPUTS)}, got "
+                              f"{inception_input!r}")
         try:
             self.extractor = InceptionExtractor(weights, device=device)
         except (FileNotFoundError, RuntimeError) as e:
@@ -450,15 +451,23 @@ def range_moments(images: ImageSet, ranges: list[range], spec: FeatureSpec, batc
     else:
         threads = max(1, cpus // workers)
         task = ray.remote(num_cpus=threads)(accumulate_remote)
-    refs = []
+    shared = ray.put(images)  # one copy of the listing for every task
+    pending = {}
     for k, r in enumerate(ranges):
         step = math.ceil(len(r) / workers)
         for i in range(0, len(r), step):
-            refs.append((k, task.remote(images, list(r[i:i + step]), spec, batch, threads)))
+            chunk = list(r[i:i + step])
+            pending[task.remote(shared, chunk, spec, batch, threads)] = (k, len(chunk))
+    bar = Progress(total, 0, f"features ({spec_name(spec)}, {workers} workers)", unit="img")
     out: list = [None] * len(ranges)
-    for k, ref in refs:
+    done = 0
+    while pending:
+        (ref,), _ = ray.wait(list(pending), num_returns=1)
+        k, n = pending.pop(ref)
         m = ray.get(ref)
         out[k] = m if out[k] is None else out[k] + m
+        done += n
+        bar.update(done, force=not pending)
     return out
 
 
@@ -596,8 +605,11 @@ def main(argv=None) -> dict:
             return out
         out = calc(args.images, args.ref, args.num, args.seeds, args.allow_small, args.features,
                    args.inception_weights, args.inception_input, args.batch, args.workers, args.dest_json)
-    except ConfigError as e:
-        fail(str(e))
+    except Exception as e:  # a Ray task's ConfigError (e.g. an image of another size) arrives wrapped
+        cause = getattr(e, "cause", None) or e
+        if not isinstance(cause, ConfigError):
+            raise
+        fail(str(cause))
     for k, row in enumerate(out["ranges"]):
         where = (f"seeds {row['first_seed']}-{row['last_seed']}" if row["first_seed"] is not None
                  else f"images {row['positions'][0]}-{row['positions'][1]}")

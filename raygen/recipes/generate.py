@@ -7,7 +7,8 @@
 The run's recipe (from its exported `net_ema.pt`, else its latest checkpoint) rebuilds the task and the method
 from the run's config.yaml; the EMA weights go to one Ray actor per GPU (or per share of the free CPUs). The
 seeds are cut into fixed batches; each batch draws its noise from a SeedStack of its seeds (raygen.core.rng),
-so image k depends on seed k only, whichever batch, worker or resume draws it. Labels are class-balanced by
+so image k's noise and every other random draw depend on seed k only, whichever batch, worker or resume
+draws it. Labels are class-balanced by
 seed (seed % num_classes) unless `class=` fixes one.
 
 Output (docs/generate-and-fid.md): EDM's --subdirs layout `<out>/<seed//1000*1000:06d>/<seed:06d>.png`, every
@@ -30,6 +31,7 @@ from typing import Any, Literal, Optional
 import numpy as np
 
 from raygen.config import ConfigError
+from raygen.eval.fid_protocol import parse_seeds, seeds_text
 
 JOB = "generate"
 MANIFEST = "manifest.json"
@@ -60,8 +62,6 @@ class GenerateConfig:
         if self.num is not None and self.num < 1:
             raise ConfigError(f"num must be >= 1, got {self.num}")
         if self.num is not None and self.seeds is not None:
-            from raygen.eval.fid_protocol import parse_seeds
-
             n = len(parse_seeds(self.seeds))
             if n != self.num:
                 raise ConfigError(f"num={self.num} but seeds={self.seeds} lists {n} seeds; drop num or make them agree")
@@ -73,8 +73,6 @@ class GenerateConfig:
             raise ConfigError(f"class={self.label!r}: give a class index (class=3) or class=balanced")
 
     def seed_list(self) -> list[int]:
-        from raygen.eval.fid_protocol import parse_seeds
-
         return parse_seeds(self.seeds) if self.seeds is not None else list(range(self.num))
 
 
@@ -92,7 +90,7 @@ class TrainedRun:
     weights: dict  # where the weights came from: {"file": ..., "step": ...}
 
 
-def load_run(run: str, runs_root: str) -> TrainedRun:
+def load_run(run: str) -> TrainedRun:
     """The run's recipe (named by its net_ema.pt, else by its latest checkpoint's record), its config.yaml
     loaded as the recipe's config, the task built from it and the EMA weights. Raises ConfigError naming
     what is missing."""
@@ -346,12 +344,11 @@ def assemble_npz(out: Path, seeds: list[int]) -> Path:
 
 def generate(cfg: GenerateConfig, runs_root: str) -> tuple[Path, Path]:
     """Every check, then the samples; returns (samples path, out dir)."""
+    from raygen.core.contracts import Method
     from raygen.core.files import write_json
     from raygen.core.job import init_ray, interrupts, lock_run, prepare_run_dir, resume_command
 
-    from raygen.core.contracts import Method
-
-    run = load_run(cfg.run, runs_root)
+    run = load_run(cfg.run)
     method = run.task.build_method()
     if type(method).sample is Method.sample:
         raise ConfigError(f"run={cfg.run}: the {run.recipe.name} method does not generate (no sampler)")
@@ -362,7 +359,7 @@ def generate(cfg: GenerateConfig, runs_root: str) -> tuple[Path, Path]:
         Path(runs_root).expanduser().resolve() / JOB / run.path.name
     device = "cuda" if (cfg.use_gpu if cfg.use_gpu is not None else cluster_gpus() > 0) else "cpu"
     manifest = {"run": str(run.path), "recipe": run.recipe.name, "weights": run.weights, "settings": settings,
-                "labels": cfg.label, "seeds": seeds_text_of(seeds), "format": cfg.format, "device": device,
+                "labels": cfg.label, "seeds": seeds_text(seeds), "format": cfg.format, "device": device,
                 "count": len(seeds), "num_classes": run.task.num_classes, "sample_shape": list(run.task.sample_shape)}
     nfe = method.nfe(**settings) if callable(getattr(method, "nfe", None)) else None
     if nfe is not None:
@@ -399,12 +396,6 @@ def generate(cfg: GenerateConfig, runs_root: str) -> tuple[Path, Path]:
     if len(final) != len(seeds):
         raise RuntimeError(f"{len(seeds) - len(final)} samples are missing from {out} after generation")
     return (out / SAMPLES_NPZ if cfg.format == "npz" else out), out
-
-
-def seeds_text_of(seeds: list[int]) -> str:
-    from raygen.eval.fid_protocol import seeds_text
-
-    return seeds_text(seeds)
 
 
 def run_batches(cfg: GenerateConfig, run: TrainedRun, settings: dict, out: Path, todo: list, total: int,
@@ -444,6 +435,15 @@ def main(argv=None) -> Path:
         samples, out = generate(cfg, args.runs_root)
     except ConfigError as e:
         fail(str(e))
+    except Exception as e:  # a worker's error arrives as a RayTaskError: one line, the written samples kept
+        import ray.exceptions
+
+        if not isinstance(e, ray.exceptions.RayError):
+            raise
+        cause = getattr(e, "cause", None) or e  # the worker's own exception (Ray's traceback is above)
+        first = next((ln for ln in str(cause).strip().splitlines() if ln.strip()), "")
+        fail(f"generation failed in a worker: {type(cause).__name__}: {first}\n  the samples written so far are "
+             "kept; the same command resumes once the cause is fixed", code=1)
     stop_ray()
     print(f"samples: {samples}")
     print(f"run_dir: {out}", flush=True)
