@@ -186,7 +186,8 @@ def interrupted(job: str, argv, cfg, run_dir) -> str:
 DATA_JOBS = {"encode_latents": "raygen.data.ingest:encode_latents", "encode_siglip": "raygen.data.ingest:encode_siglip",
              "encode_pixels": "raygen.data.ingest:encode_pixels", "prepare_fewshot": "raygen.data.fewshot_prep:main",
              "inspect_latents": "raygen.data.inspect:main", "ablate": "raygen.tune.ablate:main",
-             "report": "raygen.tune.report:main"}
+             "report": "raygen.tune.report:main", "generate": "raygen.recipes.generate:main",
+             "fid": "raygen.eval.fid_protocol:main"}
 
 
 def main(argv=None) -> None:

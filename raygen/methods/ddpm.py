@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from raygen.config import ConfigError
+from raygen.core import rng
 from raygen.core.contracts import Method
 
 # A schedule "reaches noise" when alpha_bar_T <= this (docs/methods/ddpm.md: T=100 with the linear
@@ -208,9 +209,8 @@ class DDPM(Method):
         spacing = spacing or c.spacing
         cfg_scale = c.cfg_scale if cfg_scale is None else cfg_scale
 
-        def z():
-            gdev = generator.device if generator is not None else noise.device
-            return torch.randn(noise.shape, device=gdev, generator=generator).to(noise.device)
+        def z():  # from the caller's generator (a SeedStack keeps every sample's draws its own)
+            return rng.randn(generator, noise.shape, noise.device)
 
         x = noise.float()
         if sampler == "ddpm":

@@ -383,7 +383,7 @@ def test_latents_decode_back_to_the_input_and_inspect_writes_a_grid(ray_cluster,
     assert im.size[0] > im.size[1] > 0  # 16 pairs: 8 columns of (original, decoded) x 4 rows
 
 
-def test_every_shipped_preset_loads(mean_store, jpeg_tree):
+def test_every_shipped_preset_loads(mean_store, jpeg_tree, tmp_path):
     """Each preset's keys exist and validate, given the data path it asks for on the command line."""
     from raygen import recipes as registry
     from raygen.cli import load_resolved, preset_dir
@@ -391,7 +391,11 @@ def test_every_shipped_preset_loads(mean_store, jpeg_tree):
     from raygen.data.ingest import IngestConfig, PixelIngestConfig
 
     recipes = (("dit", None), ("encode_latents", IngestConfig), ("encode_siglip", IngestConfig),
-               ("encode_pixels", PixelIngestConfig), ("drifting", None), ("latent_mae", None))
+               ("encode_pixels", PixelIngestConfig), ("drifting", None), ("latent_mae", None), ("edm", None),
+               ("sdd", None))
+    volumes = tmp_path / "volumes"
+    volumes.mkdir()
+    np.save(volumes / "ct.npy", np.zeros((4, 8, 8), np.int16))
     seen = set()
     for recipe, cls in recipes:
         for yaml_file in sorted(preset_dir(recipe).glob("*.yaml")):
@@ -404,6 +408,8 @@ def test_every_shipped_preset_loads(mean_store, jpeg_tree):
                 over = [f"stage.latents={mean_store.path}", "batch.distinct_classes=false"]
             elif recipe == "dit" and "image_folder" in text:
                 over = [f"data.path={jpeg_tree / 'train'}"]
+            elif "source: files" in text:  # the U-Net recipes: raw files encoded into a pixel store
+                over = [f"data.path={volumes if 'kind: npy' in text else jpeg_tree}"]
             elif recipe != "dit" and "kind: auto" in text:
                 over = [f"source.path={jpeg_tree}"]
             if cls is None:  # a training recipe: loaded and resolved as its job does
@@ -415,4 +421,5 @@ def test_every_shipped_preset_loads(mean_store, jpeg_tree):
             if recipe == "drifting" and over:
                 assert cfg.data.source == "latents" and cfg.data.path == str(mean_store.path)
     assert {"drifting/default", "drifting/smoke", "drifting/imagenet256_ablation", "drifting/imagenet256_L",
-            "latent_mae/default", "latent_mae/imagenet256_w256"} <= seen
+            "latent_mae/default", "latent_mae/imagenet256_w256", "edm/cifar10_ddpmpp", "edm/imagenet64_adm",
+            "sdd/cifar10_klub", "sdd/cifar10_hkd", "sdd/volumes"} <= seen
