@@ -23,7 +23,9 @@ as `jobs/generate.py` does (`raygen.recipes.generate.load_run`).
         --drifting runs/drifting/<stamp>-default [--samples 1000] [--seed S] [--out bench/results/sampler_nfe]
 
 writes <out>.json (every point, the runs, their training wall clock, device, versions) and <out>.png
-(FID against NFE, log x). Smoke runs (run directories named *-smoke) are refused for the default --out.
+(FID against NFE, log x; log y too when the FIDs span more than 20x). Each point also records the
+process's CPU seconds and the load average: on a shared machine the wall clock includes waiting for
+cores. Smoke runs (run directories named *-smoke) are refused for the default --out.
 """
 from __future__ import annotations
 
@@ -121,11 +123,15 @@ def training_clock(run_dir: Path) -> dict:
 
 
 def sampler_label(flag: str, settings: dict) -> str:
+    """e.g. `heun`, `ddim trailing cfg1.25` (a guided step is one doubled batch), `omega 1.5`."""
+    guided = f" cfg{settings['cfg_scale']:g}" if settings.get("cfg_scale", 1.0) != 1.0 else ""
     if flag == "edm":
-        return f"EDM {settings.get('solver', 'heun')}"
+        churn = f" churn{settings['S_churn']:g}" if settings.get("S_churn") else ""
+        return f"{settings.get('solver', 'heun')}{churn}{guided}"
     if flag == "dit":
-        return f"DDIM eta={settings.get('eta', 0):g} {settings.get('spacing', '')}".strip()
-    return "one step" + (f" omega={settings['omega']:g}" if "omega" in settings else "")
+        eta = f" eta{settings['eta']:g}" if settings.get("eta") else ""
+        return f"ddim {settings.get('spacing', '')}{eta}{guided}".replace("  ", " ")
+    return f"omega {settings['omega']:g}" if "omega" in settings else "one step"
 
 
 def run_settings(flag: str, run, method) -> tuple[dict, dict]:
@@ -145,8 +151,11 @@ def run_settings(flag: str, run, method) -> tuple[dict, dict]:
             source[k] = "eval/metrics.json (headline)"
     if flag == "dit":
         # DDIM is what is measured; a run configured for ancestral DDPM would take T steps whatever `steps` says
-        configured = getattr(run.task.cfg.method, "sampler", "ddim")
+        mcfg = run.task.cfg.method
+        configured = getattr(mcfg, "sampler", "ddim")
         settings["sampler"] = "ddim"
+        for k in ("eta", "spacing"):  # the method's config supplies these when a setting leaves them unset
+            settings.setdefault(k, getattr(mcfg, k))
         if configured != "ddim":
             source["sampler"] = f"forced to ddim (the run samples with {configured})"
     return settings, source
@@ -176,7 +185,7 @@ def measure(flag: str, run_dir: str, values: list, args, device: torch.device) -
     recipe_name, key, _ = SWEEPS[flag]
     run = load_run(run_dir)
     if run.recipe.name != recipe_name:
-        raise SystemExit(f"--{flag} {run_dir}: that is a {run.recipe.name} run, not a {recipe_name} run")
+        raise SystemExit(f"--{flag} {run_dir}: that is a {run.recipe.name} run; --{flag} takes a {recipe_name} run")
     task = run.task
     method = task.build_method()
     if not callable(getattr(method, "nfe", None)):
@@ -209,17 +218,20 @@ def measure(flag: str, run_dir: str, values: list, args, device: torch.device) -
     for v in values:
         s = {**settings, **({key: v} if key else {})}
         nfe = int(method.nfe(**s))
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         images, cond = ev.sample(method, net, args.samples, **s)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        sample_s = time.perf_counter() - t0
+        sample_s, sample_cpu_s = time.perf_counter() - t0, time.process_time() - c0
         t0 = time.perf_counter()
         scores = ev.score(images, cond)
         score_s = time.perf_counter() - t0
         row = {"method": flag, "sampler": sampler_label(flag, s), "steps": v if key == "steps" else 1, "nfe": nfe,
                **{m: scores.get(m) for m in METRICS}, "sample_seconds": round(sample_s, 2),
                "ms_per_nfe_per_sample": round(1e3 * sample_s / (args.samples * nfe), 4),
+               # CPU time of this process's threads; beside the load average it tells whether the wall clock
+               # was this process's work or a wait for shared cores (OpenMP's spinning waits count as CPU time)
+               "sample_cpu_seconds": round(sample_cpu_s, 2), "loadavg_1min": round(os.getloadavg()[0], 2),
                "score_seconds": round(score_s, 2), "num_samples": args.samples}
         if flag == "drifting":
             row["omega"] = s.get("omega")
@@ -239,7 +251,7 @@ def fmt(v, spec):
 
 
 def table(rows: list[dict], skipped: list[str]) -> str:
-    cols = [("method", "<9", "s"), ("sampler", "<24", "s"), ("steps", ">5", "d"), ("NFE", ">4", "d"),
+    cols = [("method", "<9", "s"), ("sampler", "<20", "s"), ("steps", ">5", "d"), ("NFE", ">4", "d"),
             ("FID", ">8", ".3f"), ("prec", ">6", ".3f"), ("recall", ">6", ".3f"), ("cls acc", ">7", ".3f"),
             ("seconds", ">8", ".1f"), ("ms/NFE/img", ">10", ".3f")]
     keys = ["method", "sampler", "steps", "nfe", "fid", "precision", "recall", "class_accuracy", "sample_seconds",
@@ -257,17 +269,22 @@ def plot(rows: list[dict], path: Path, samples: int) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for flag, style in (("edm", "o-"), ("dit", "s-"), ("drifting", "*")):
         pts = [r for r in rows if r["method"] == flag]
         if not pts:
             continue
-        label = {"edm": "EDM, Heun (NFE 2N-1)", "dit": "DiT, DDIM (NFE = steps)",
-                 "drifting": "drifting, one step"}[flag]
+        label = f"{ {'edm': 'EDM', 'dit': 'DiT', 'drifting': 'drifting, one step'}[flag]}, {pts[0]['sampler']}"
         ax.plot([r["nfe"] for r in pts], [r["fid"] for r in pts], style, label=label,
                 markersize=14 if flag == "drifting" else 6)
     ax.set_xscale("log")
+    ax.set_xticks([1, 2, 5, 10, 20, 50])
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    fids = [r["fid"] for r in rows if r.get("fid")]
+    if fids and max(fids) / min(fids) > 20:  # an under-sampled point's FID dwarfs the converged ones
+        ax.set_yscale("log")
     ax.set_xlabel("network evaluations per sample (NFE)")
     ax.set_ylabel("FID (digits classifier features)")
     ax.set_title(f"FID vs NFE, embedded digits ({samples} samples per point)")
