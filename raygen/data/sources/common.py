@@ -45,7 +45,7 @@ def path_hint(kind: str) -> str:
         "class_folders": "dir with <split>/<class>/ image folders",
         "folder": "dir of images",
         "zip": "file.zip",
-        "npy": "file.npy|file.npz|dir of them",
+        "npy": "file.npy|file.npz|file.nii[.gz]|dir of them",
     }[kind]
 
 

@@ -12,7 +12,6 @@ from PIL import Image
 from raygen.config import ConfigError
 from raygen.data.sources.common import (
     DEFAULT_MAX_PIXELS,
-    ARRAY_EXTENSIONS,
     IMAGE_EXTENSIONS,
     Listing,
     Problems,
@@ -28,22 +27,7 @@ from raygen.data.transforms import ItemError
 if TYPE_CHECKING:
     from raygen.data.sources import SourceConfig
 
-__all__ = ["list_class_folders", "list_folder", "only_arrays", "read_file", "scan_dir"]
-
-
-def only_arrays(root: Path) -> bool:
-    """True if the tree holds at least one .npy/.npz and no other (non-hidden) files. Returns at the
-    first other file, so an ImageNet-sized tree costs one directory read."""
-    found = False
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not is_hidden(d)]
-        for f in filenames:
-            if is_hidden(f):
-                continue
-            if Path(f).suffix.lower() not in ARRAY_EXTENSIONS:
-                return False
-            found = True
-    return found
+__all__ = ["list_class_folders", "list_folder", "read_file", "scan_dir"]
 
 
 def scan_dir(root: Path, problems: Problems, prefix: str = "") -> Tree:
