@@ -408,8 +408,8 @@ def test_every_shipped_preset_loads(mean_store, jpeg_tree, tmp_path):
                 over = [f"stage.latents={mean_store.path}", "batch.distinct_classes=false"]
             elif recipe == "dit" and "image_folder" in text:
                 over = [f"data.path={jpeg_tree / 'train'}"]
-            elif "source: files" in text:  # the U-Net recipes: raw files encoded into a pixel store
-                over = [f"data.path={volumes if 'kind: npy' in text else jpeg_tree}"]
+            elif recipe in ("edm", "sdd") and yaml_file.stem not in ("default", "smoke"):  # raw files (data.source=files)
+                over = [f"data.path={volumes if yaml_file.stem == 'volumes' else jpeg_tree}"]
             elif recipe != "dit" and "kind: auto" in text:
                 over = [f"source.path={jpeg_tree}"]
             if cls is None:  # a training recipe: loaded and resolved as its job does
