@@ -87,3 +87,15 @@ def evaluate_trained(task, run_dir, trained_run) -> dict:
     else:
         ema = latest_state(trained_run)["ema"]
     return run_evaluation(task, ema, run_dir)
+
+
+def reported_image_metrics(method_cls, cfg, eval_only: bool = False, during_training: bool = False) -> list[str]:
+    """What an image recipe reports: the loop's metrics while training, then the evaluator's for this
+    data and the method's sampler settings."""
+    from raygen.eval.evaluate import reported_metrics as eval_metrics
+    from raygen.train.config import LOOP_METRICS
+
+    train = [] if eval_only else list(LOOP_METRICS)
+    if during_training or not cfg.eval.enabled:
+        return train
+    return train + eval_metrics(cfg.eval, image_data.pixel_source(cfg.data), method_cls.sampler_settings)

@@ -158,13 +158,3 @@ def evaluate_unet(task_cls, cfg, run_dir, trained_run) -> dict:
 
     cfg = prepare_pixel_store(cfg, Path(run_dir).parent.parent)
     return evaluate_trained(task_cls(cfg), run_dir, trained_run)
-
-
-def reported_unet(method_cls, cfg, eval_only: bool = False, during_training: bool = False) -> list[str]:
-    from raygen.eval.evaluate import reported_metrics as eval_metrics
-    from raygen.train.config import LOOP_METRICS
-
-    train = [] if eval_only else list(LOOP_METRICS)
-    if during_training or not cfg.eval.enabled:
-        return train
-    return train + eval_metrics(cfg.eval, image_data.pixel_source(cfg.data), method_cls.sampler_settings)

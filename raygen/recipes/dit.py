@@ -13,8 +13,8 @@ from raygen.eval.evaluate import EvalConfig, check_settings
 from raygen.methods.ddpm import DDPM, DDPMConfig
 from raygen.nets.dit import parse_arch
 from raygen.recipes import Recipe, register
-from raygen.recipes.common import ImageTask, RunSection, evaluate_trained, train_and_evaluate
-from raygen.train.config import LOOP_METRICS, DebugConfig, LogConfig, OptimConfig, TrainConfig
+from raygen.recipes.common import ImageTask, RunSection, evaluate_trained, reported_image_metrics, train_and_evaluate
+from raygen.train.config import DebugConfig, LogConfig, OptimConfig, TrainConfig
 
 NAME = "dit"
 
@@ -87,12 +87,7 @@ def evaluate(cfg: DiTConfig, run_dir, trained_run) -> dict:
 
 
 def reported_metrics(cfg: DiTConfig, eval_only: bool = False, during_training: bool = False) -> list[str]:
-    from raygen.eval.evaluate import reported_metrics as eval_metrics
-
-    train = [] if eval_only else list(LOOP_METRICS)
-    if during_training or not cfg.eval.enabled:
-        return train
-    return train + eval_metrics(cfg.eval, image_data.pixel_source(cfg.data), DDPM.sampler_settings)
+    return reported_image_metrics(DDPM, cfg, eval_only, during_training)
 
 
 RECIPE = register(Recipe(name=NAME, config=DiTConfig, task=DiTTask, run=run, reported_metrics=reported_metrics,

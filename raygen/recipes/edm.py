@@ -13,9 +13,9 @@ from raygen.data.ingest import PixelStoreConfig
 from raygen.eval.evaluate import EvalConfig, check_settings
 from raygen.methods.edm import EDM, EDMConfig
 from raygen.recipes import Recipe, register
-from raygen.recipes.common import RunSection
-from raygen.recipes.diffusion import RawSourceConfig, UNetConfig, UNetTask, evaluate_unet, reported_unet, \
-    resolve_common, run_unet
+from raygen.recipes.common import RunSection, reported_image_metrics
+from raygen.recipes.diffusion import RawSourceConfig, UNetConfig, UNetTask, evaluate_unet, resolve_common, \
+    run_unet
 from raygen.train.config import DebugConfig, LogConfig, OptimConfig, TrainConfig
 
 NAME = "edm"
@@ -55,7 +55,7 @@ def evaluate(cfg: EDMRecipeConfig, run_dir, trained_run) -> dict:
 
 
 def reported_metrics(cfg: EDMRecipeConfig, eval_only: bool = False, during_training: bool = False) -> list[str]:
-    return reported_unet(EDM, cfg, eval_only, during_training)
+    return reported_image_metrics(EDM, cfg, eval_only, during_training)
 
 
 RECIPE = register(Recipe(name=NAME, config=EDMRecipeConfig, task=EDMTask, run=run, reported_metrics=reported_metrics,

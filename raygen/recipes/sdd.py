@@ -13,9 +13,9 @@ from raygen.data.ingest import PixelStoreConfig
 from raygen.eval.evaluate import EvalConfig, check_settings
 from raygen.methods.sdd import BetaDiffusion, SDDConfig
 from raygen.recipes import Recipe, register
-from raygen.recipes.common import RunSection
-from raygen.recipes.diffusion import RawSourceConfig, UNetConfig, UNetTask, evaluate_unet, reported_unet, \
-    resolve_common, run_unet
+from raygen.recipes.common import RunSection, reported_image_metrics
+from raygen.recipes.diffusion import RawSourceConfig, UNetConfig, UNetTask, evaluate_unet, resolve_common, \
+    run_unet
 from raygen.train.config import DebugConfig, LogConfig, OptimConfig, TrainConfig
 
 NAME = "sdd"
@@ -55,7 +55,7 @@ def evaluate(cfg: SDDRecipeConfig, run_dir, trained_run) -> dict:
 
 
 def reported_metrics(cfg: SDDRecipeConfig, eval_only: bool = False, during_training: bool = False) -> list[str]:
-    return reported_unet(BetaDiffusion, cfg, eval_only, during_training)
+    return reported_image_metrics(BetaDiffusion, cfg, eval_only, during_training)
 
 
 RECIPE = register(Recipe(name=NAME, config=SDDRecipeConfig, task=SDDTask, run=run, reported_metrics=reported_metrics,
