@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from raygen.config import ConfigError, load_config, write_config
+from raygen.core import storage
 from raygen.core.job import (create_run_dir, fail, init_ray, interrupts, lock_run, parse_args, preset_dir, report,
                              resolve_run_dir)
 
@@ -72,6 +73,10 @@ def setup_job(recipe, argv=None):
         root = Path(args.runs_root).expanduser().resolve() / recipe.name
         if cfg.run.name:
             lock_run(root, f"name-{cfg.run.name}", f"run.name={cfg.run.name} ({root})")
+        if getattr(cfg.run, "storage", None):
+            storage.check(cfg.run.storage)
+            if cfg.run.name:  # a fresh cluster: the run lives on in storage
+                storage.fetch_named_run(cfg.run.storage, args.runs_root, recipe.name, cfg.run.name)
         run_dir, resumed = resolve_run_dir(args.runs_root, recipe.name, cfg.run.name, run_label(args))
         changes = resume_changes(recipe, run_dir, cfg) if resumed else {}
     except ConfigError as e:
@@ -104,6 +109,7 @@ def open_run(recipe, cfg, args, plan) -> Path:
                 f.write(json.dumps(record) + "\n")
     if not (run_dir / "config.yaml").is_file():
         write_config(cfg, run_dir / "config.yaml", given, given_cfg)
+    storage.push(run_dir)
     return run_dir
 
 
@@ -155,6 +161,7 @@ def run_job(name: str, argv=None) -> Path:
 
     recipe = recipes.get(name)
     cfg, args, plan = setup_job(recipe, argv)
+    storage.bind(getattr(cfg.run, "storage", None), args.runs_root)  # before Ray starts: workers inherit it
     run_dir = None
     with interrupts(lambda: interrupted(name, argv, cfg, run_dir)):
         init_ray()
@@ -163,8 +170,25 @@ def run_job(name: str, argv=None) -> Path:
         except ConfigError as e:
             fail(str(e))
         run_dir = open_run(recipe, cfg, args, plan)
-        report(run_dir, guarded(recipe.run, cfg, run_dir))
+        try:
+            metrics = guarded(recipe.run, cfg, run_dir)
+        finally:  # what the run wrote, also when it failed: a resume elsewhere starts from storage
+            keep_in_storage(run_dir)
+        report(run_dir, metrics)
     return run_dir
+
+
+def keep_in_storage(run_dir) -> None:
+    """Push the run directory to `run.storage` (when bound); a failure here is reported, not raised over
+    the run's own outcome."""
+    try:
+        storage.push(run_dir)
+    except Exception as e:  # noqa: BLE001 - the run's result matters more; say what was not copied
+        print(f"warning: could not copy {run_dir} to run.storage: {e}", file=sys.stderr, flush=True)
+        return
+    if storage.remote_of(run_dir):
+        print(f"  storage        {storage.remote_of(run_dir).partition('?')[0]} (checkpoints and a copy of the run "
+              "directory)", flush=True)
 
 
 def interrupted(job: str, argv, cfg, run_dir) -> str:

@@ -113,9 +113,22 @@ def runtime_env() -> dict:
     submitted job's env_vars) is left to it rather than overridden."""
     env = {"worker_process_setup_hook": WORKER_SETUP_HOOK}
     env_vars = {k: v for k, v in {PRINT_PATCH_ENV: "0"}.items() if k not in os.environ}
+    env_vars.update(storage_env())
     if env_vars:
         env["env_vars"] = env_vars
     return env
+
+
+# what workers need to reach `run.storage`: the binding, and the job's cloud credentials and endpoints
+# (on a cluster the nodes' own roles usually do; a job's explicit keys travel with it)
+STORAGE_ENV_PREFIXES = ("RAYGEN_STORAGE", "RAYGEN_RUNS_ROOT", "AWS_", "GOOGLE_APPLICATION_CREDENTIALS")
+
+
+def storage_env() -> dict:
+    """The variables that bind `run.storage` for Ray workers, when a job bound it (raygen.core.storage)."""
+    if "RAYGEN_STORAGE" not in os.environ:
+        return {}
+    return {k: v for k, v in os.environ.items() if k.startswith(STORAGE_ENV_PREFIXES)}
 
 
 def quiet_driver() -> None:

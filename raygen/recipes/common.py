@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 
+from raygen.core import storage
 from raygen.core.contracts import Task
 from raygen.data import images as image_data
 
@@ -15,6 +16,9 @@ from raygen.data import images as image_data
 @dataclass
 class RunSection:
     name: Optional[str] = None  # a named run resumes when started again with the same name
+    # s3://bucket/prefix, gs://bucket/prefix or a path every node mounts: checkpoints (Ray Train's storage),
+    # metrics, samples and eval results go there too, and a named run resumes from there on a fresh cluster
+    storage: Optional[str] = None
 
 
 class ImageTask(Task):
@@ -58,12 +62,22 @@ def run_evaluation(task, ema_state: dict, run_dir) -> dict:
     otherwise be captured by the trial's (which holds no CPU)."""
     import ray
 
-    from raygen.eval.evaluate import evaluate
     from raygen.train.driver import use_gpu
 
     cpus = task.cfg.eval.cpus or max(1, int(ray.available_resources().get("CPU", 1)))
-    remote = ray.remote(num_cpus=cpus, num_gpus=1 if use_gpu(task.cfg.train) else 0)(evaluate)
-    return ray.get(remote.options(scheduling_strategy="DEFAULT").remote(task, ema_state, str(run_dir), cpus))
+    remote = ray.remote(num_cpus=cpus, num_gpus=1 if use_gpu(task.cfg.train) else 0)(evaluate_and_keep)
+    metrics = ray.get(remote.options(scheduling_strategy="DEFAULT").remote(task, ema_state, str(run_dir), cpus))
+    storage.pull(run_dir, only=("eval",), overwrite=True)  # written on the evaluating node
+    return metrics
+
+
+def evaluate_and_keep(task, ema_state, run_dir, cpus) -> dict:
+    """The evaluator, then its results copied to `run.storage` from the node that wrote them."""
+    from raygen.eval.evaluate import evaluate
+
+    metrics = evaluate(task, ema_state, run_dir, cpus)
+    storage.push(run_dir, only=("eval",))
+    return metrics
 
 
 def train_and_evaluate(task, run_dir, callbacks=(), plot_keys=()) -> dict:

@@ -136,10 +136,12 @@ class DriftingConfig:
         except ValueError as e:
             raise ConfigError(f"model.arch: {e}") from None
         t = self.train
-        if self.batch.nc % (t.num_workers * t.grad_accum):
-            raise ConfigError(
-                f"batch.nc={self.batch.nc} classes per step is not divisible by train.num_workers x train.grad_accum "
-                f"= {t.num_workers * t.grad_accum}; every worker takes whole classes, so pick a multiple")
+        for n in t.world_sizes():
+            if self.batch.nc % (n * t.grad_accum):
+                raise ConfigError(
+                    f"batch.nc={self.batch.nc} classes per step is not divisible by {n} workers x train.grad_accum "
+                    f"= {n * t.grad_accum} (train.num_workers={t.num_workers}); every worker takes whole classes, "
+                    "so pick a multiple")
         check_feasible(self.drift, self.batch.omega_min if self.batch.no_cfg_frac == 0 else 1.0)
         check_settings(self.eval, Drifting.sampler_settings, NAME)
 

@@ -14,6 +14,7 @@ the state dict, enough to rebuild the network without the training config (`load
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -40,16 +41,36 @@ def latest_checkpoint(run_dir) -> Path | None:
     """The directory of the latest checkpoint Ray Train registered for the run in `run_dir` (None if none)."""
     from ray.train import Result
 
-    storage = Path(run_dir) / "checkpoints"
-    if not storage.is_dir():
+    from raygen.core import storage
+
+    remote = storage.remote_of(run_dir)
+    where = storage.join(remote, "checkpoints") if remote else Path(run_dir) / "checkpoints"
+    if not remote and not where.is_dir():
         return None
     try:
         with warnings.catch_warnings():  # Ray's own use of a deprecated pydantic call; nothing for the user
             warnings.filterwarnings("ignore", message=r".*parse_obj.*", category=DeprecationWarning)
-            result = Result.from_path(str(storage))
+            result = Result.from_path(str(where))
     except RuntimeError:  # no checkpoint manager snapshot: Ray Train never registered one
         return None
-    return Path(result.checkpoint.path) if result.checkpoint is not None else None
+    if result.checkpoint is None:
+        return None
+    if not remote or not storage.is_uri(remote):  # local, or a filesystem every node mounts
+        return Path(result.checkpoint.path)
+    # in object storage: a local copy, made once per checkpoint (atomically: a cut download is not used)
+    import shutil
+
+    cache = Path(run_dir) / storage.CHECKPOINT_CACHE
+    local = cache / Path(result.checkpoint.path).name
+    if not local.is_dir():
+        tmp = cache / f".{local.name}.{os.getpid()}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        result.checkpoint.to_directory(str(tmp))
+        os.replace(tmp, local)
+        for old in cache.iterdir():  # only the latest is kept
+            if old != local and not old.name.startswith("."):
+                shutil.rmtree(old, ignore_errors=True)
+    return local
 
 
 def latest_state(run_dir) -> dict:

@@ -9,7 +9,7 @@ or replace NaN/Inf by finite numbers as EDM and SDD do).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from raygen.config import ConfigError
 
@@ -47,7 +47,9 @@ class TrainConfig:
     duration_kimg: Optional[float] = None  # the run's length in thousands of images (EDM); sets steps
     batch_size: int = 128  # global, summed over workers and accumulation micro-steps; 0 = the recipe sets it
     grad_accum: int = 1
-    num_workers: int = 1
+    # a count, or [min, max]: elastic (Ray Train V2) - the run starts with as many workers as the cluster
+    # can place, at least min, continues on fewer after a node is lost and grows back up to max
+    num_workers: Union[int, list[int]] = 1
     use_gpu: Optional[bool] = None  # None: use GPUs when the cluster has them
     cpus_per_worker: int = 1
     gpus_per_worker: float = 1.0  # with use_gpu; fractions let runs (e.g. sweep trials) share a GPU
@@ -74,18 +76,47 @@ class TrainConfig:
     max_failures: int = 1  # worker-group restarts from the last checkpoint (FailureConfig)
     max_nonfinite_in_a_row: int = 20
 
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[-1] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers != self.max_workers
+
+    def world_sizes(self) -> range:
+        """Every worker count the run may train with."""
+        return range(self.min_workers, self.max_workers + 1)
+
     def validate(self):
-        for k in ("steps", "grad_accum", "num_workers", "cpus_per_worker", "log_every", "ckpt_every"):
+        if isinstance(self.num_workers, list):
+            if len(self.num_workers) != 2 or self.num_workers[0] > self.num_workers[1]:
+                raise ConfigError(f"train.num_workers={self.num_workers}: give a count or [min, max] with min <= max "
+                                  "(e.g. train.num_workers=[1,4])")
+            if self.elastic and self.max_failures == 0:
+                raise ConfigError("elastic train.num_workers=[min, max] restarts the worker group when a node comes or "
+                                  "goes: set train.max_failures >= 1 (or -1 for no limit)")
+            if self.elastic and self.use_tpu:
+                raise ConfigError("train.use_tpu=true takes a fixed train.num_workers (whole slices), not [min, max]")
+        for k in ("steps", "grad_accum", "min_workers", "cpus_per_worker", "log_every", "ckpt_every"):
             if getattr(self, k) < 1:
-                raise ConfigError(f"train.{k} must be >= 1, got {getattr(self, k)}")
+                name = "num_workers" if k == "min_workers" else k
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_size < 0:
             raise ConfigError(f"train.batch_size must be >= 1, got {self.batch_size}")
-        if self.batch_size % (self.num_workers * self.grad_accum):
-            raise ConfigError(
-                f"train.batch_size={self.batch_size} is not divisible by train.num_workers x train.grad_accum "
-                f"= {self.num_workers * self.grad_accum}; pick a multiple"
-            )
-        if self.use_tpu and self.num_workers > 1 and not (self.topology and self.accelerator_type):
+        for n in self.world_sizes():
+            if self.batch_size % (n * self.grad_accum):
+                raise ConfigError(
+                    f"train.batch_size={self.batch_size} is not divisible by {n} workers x train.grad_accum "
+                    f"= {n * self.grad_accum}"
+                    + (f" (elastic train.num_workers={self.num_workers} may train with any count in between)"
+                       if self.elastic else "") + "; pick a multiple"
+                )
+        if self.use_tpu and self.max_workers > 1 and not (self.topology and self.accelerator_type):
             raise ConfigError("train.use_tpu=true with several workers needs train.topology (e.g. 2x4) and "
                               "train.accelerator_type (e.g. TPU-V5E), as the slice was created")
         if not 0.0 <= self.ema_decay < 1.0:

@@ -40,7 +40,7 @@ def check_resources(tc: TrainConfig) -> None:
                               "cluster/tpu.yaml` or set train.use_tpu=false")
     elif not use_gpu(tc):
         cpus = ray.cluster_resources().get("CPU", 0)
-        if tc.num_workers * tc.cpus_per_worker > cpus:
+        if tc.min_workers * tc.cpus_per_worker > cpus:
             raise ConfigError(
                 f"train.num_workers={tc.num_workers} x train.cpus_per_worker={tc.cpus_per_worker} needs more CPUs "
                 f"than the cluster has ({cpus:g}); lower them"
@@ -60,12 +60,15 @@ def fit(task, run_dir: Path, callbacks=()):
     gpu = use_gpu(tc) and not tc.use_tpu
     runner = backend(task.backend)
     scaling = runner.scaling(tc, gpu) or ray.train.ScalingConfig(
-        num_workers=tc.num_workers, use_gpu=gpu,
+        num_workers=(tc.min_workers, tc.max_workers) if tc.elastic else tc.min_workers, use_gpu=gpu,
         resources_per_worker={"CPU": tc.cpus_per_worker, **({"GPU": tc.gpus_per_worker} if gpu else {})},
     )
+    from raygen.core import storage
+
     run_config = ray.train.RunConfig(
         name="checkpoints",
-        storage_path=str(run_dir),
+        # with run.storage, Ray Train writes the checkpoints there itself (pyarrow): every node reaches them
+        storage_path=storage.remote_of(run_dir) or str(run_dir),
         failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
         callbacks=list(callbacks),
@@ -144,9 +147,16 @@ def train(task, run_dir: Path, callbacks=(), plot_keys=()) -> dict:
         raise result.error
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint; check train.ckpt_every")
+    from raygen.core import storage
+    from raygen.train.logging import RANK0_FILES
+
+    storage.pull(run_dir, only=RANK0_FILES, overwrite=True)  # rank 0 may have run on another node
     plot_metrics(run_dir, keys=("loss", "lr", "grad_norm", "steps_per_s", *plot_keys))
     with result.checkpoint.as_directory() as ckpt:
-        return backend(task.backend).export(task, Path(run_dir), Path(ckpt))
+        ema = backend(task.backend).export(task, Path(run_dir), Path(ckpt))
+    storage.push(run_dir)  # a stage (the drifting MAE) is kept before the next one starts
+    return ema
+
 
 
 def plot_metrics(run_dir: Path, keys=("loss", "lr", "grad_norm", "steps_per_s")) -> Path | None:

@@ -30,11 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
+from raygen.config import ConfigError
 from raygen.core.progress import Progress
 from raygen.train.checkpoint import read_record, write_record
 from raygen.train.config import OptimConfig, TrainConfig
 from raygen.train.state import Counters, ema_decay
-from raygen.train.logging import open_run_logger
+from raygen.train.logging import keep_rank0_files, open_run_logger
 
 STATE_DIR = "state"  # the orbax checkpoint inside a checkpoint directory
 EXPORT_JAX = "net_ema.msgpack"
@@ -294,6 +295,8 @@ def train_loop_per_worker(config: dict) -> None:
             window, window_start, window_t = [], step, time.perf_counter()
             if step % tc.ckpt_every == 0 or last:
                 _report_with_checkpoint(task, metrics, host(state), counters, rank)
+                if rank == 0:
+                    keep_rank0_files(run_dir, logger)
             else:
                 ray.train.report(metrics)
     if progress is not None:
@@ -395,6 +398,9 @@ class JaxBackend:
         """TPU slices need topology and accelerator type (Ray fills in the TPU resources from them)."""
         import ray.train
 
+        if tc.elastic:
+            raise ConfigError(f"train.num_workers={tc.num_workers}: elastic training is for torch recipes; the JAX "
+                              "backend's distributed runtime is started for a fixed world, so give a count")
         if tc.use_tpu:
             return ray.train.ScalingConfig(num_workers=tc.num_workers, use_tpu=True, topology=tc.topology,
                                            accelerator_type=tc.accelerator_type)

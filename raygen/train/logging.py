@@ -13,6 +13,8 @@ from pathlib import Path
 from raygen.core.files import write_text
 
 METRICS_FILE = "metrics.jsonl"
+# what rank 0 writes into the run directory while training (pushed to run.storage at every checkpoint)
+RANK0_FILES = (METRICS_FILE, "samples", "tensorboard")
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -73,6 +75,11 @@ class MetricsLogger:
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=step)
 
+    def flush(self) -> None:
+        self.file.flush()
+        if self.tb is not None:
+            self.tb.flush()
+
     def log_image(self, tag: str, path: Path, step: int) -> None:
         if self.wandb_run is not None:
             import wandb as wb
@@ -91,7 +98,11 @@ def open_run_logger(run_dir: Path, cfg, resumed_step: int) -> "MetricsLogger":
     """Rank 0's sinks for a (possibly resumed) run: records after `resumed_step` dropped, then
     metrics.jsonl / TensorBoard / W&B as `cfg.log` says, and the samples/ folder made."""
     from raygen.config import to_dict
+    from raygen.core import storage
 
+    Path(run_dir).mkdir(parents=True, exist_ok=True)  # rank 0 may run on a node that never had it
+    if resumed_step:  # resumed where the last rank 0 never ran: its records come back from run.storage
+        storage.pull(run_dir, only=(METRICS_FILE,))
     truncate_metrics(run_dir, resumed_step)
     log = cfg.log
     logger = MetricsLogger(run_dir, to_dict(cfg), tensorboard=log.tensorboard, wandb=log.wandb,
@@ -100,3 +111,15 @@ def open_run_logger(run_dir: Path, cfg, resumed_step: int) -> "MetricsLogger":
     (Path(run_dir) / "samples").mkdir(exist_ok=True)
     return logger
 
+
+
+def keep_rank0_files(run_dir: Path, logger: "MetricsLogger | None") -> None:
+    """After a checkpoint: what rank 0 wrote since (metrics.jsonl, sample grids, TensorBoard events) copied
+    to `run.storage` (when bound), so a run resumed anywhere finds its records up to that checkpoint."""
+    from raygen.core import storage
+
+    if storage.remote_of(run_dir) is None:
+        return
+    if logger is not None:
+        logger.flush()
+    storage.push(run_dir, only=RANK0_FILES)

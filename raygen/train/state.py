@@ -125,8 +125,17 @@ class Counters:
     nonfinite_total: int = 0
     nonfinite_in_a_row: int = 0
     data: DataPosition = field(default_factory=DataPosition)
+    world: int = 0  # the worker count that wrote it (0: not recorded); an elastic run may resume on another
+
+    def position_for(self, world: int) -> DataPosition:
+        """The data position in a dataset shard of a run now on `world` workers. A shard is 1/world of
+        the epoch, so after a resize the batches consumed per worker scale by old/new world: the run
+        continues from the same fraction of the epoch (the exact order within it changes with the split)."""
+        if not self.world or self.world == world:
+            return self.data
+        return DataPosition(self.data.epoch, self.data.batch * self.world // world)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Counters":
-        d = {k: v for k, v in d.items() if k in ("step", "nonfinite_total", "nonfinite_in_a_row", "data")}
+        d = {k: v for k, v in d.items() if k in ("step", "nonfinite_total", "nonfinite_in_a_row", "data", "world")}
         return cls(**{**d, "data": DataPosition(**d.get("data", {}))})

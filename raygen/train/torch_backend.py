@@ -34,7 +34,7 @@ from raygen.train.state import (
     sanitize_grads,
     set_rng_state,
 )
-from raygen.train.logging import open_run_logger
+from raygen.train.logging import keep_rank0_files, open_run_logger
 
 
 class NonFiniteLossError(RuntimeError):
@@ -127,10 +127,15 @@ def train_loop_per_worker(config: dict) -> None:
     if world > 1:
         model = ray.train.torch.prepare_model(model, move_to_device=False)
 
+    if rank == 0 and counters.world and counters.world != world:
+        print(f"resuming at step {counters.step} on {world} worker{'s' * (world > 1)} (the checkpoint was written by "
+              f"{counters.world}); the global batch stays {tc.batch_size}", flush=True)
     stream = task.batches(counters.data, rank, world, device)
     if stream is None:
         local_bs = tc.batch_size // (world * tc.grad_accum)
+        counters.data = counters.position_for(world)
         stream = dataset_batches(ray.train.get_dataset_shard("train"), counters.data, local_bs, tc, device)
+    counters.world = world
     progress = Progress(tc.steps, counters.step, f"train {run_dir.name}") if rank == 0 and cfg.log.progress else None
 
     # window sums stay on the device: reading them every step would sync a GPU every step
@@ -209,6 +214,8 @@ def train_loop_per_worker(config: dict) -> None:
             window_start, window_t = step, time.perf_counter()
             if do_ckpt:
                 _report_with_checkpoint(task, metrics, net, ema, opt, counters, generator, rank)
+                if rank == 0:
+                    keep_rank0_files(run_dir, logger)
             else:
                 ray.train.report(metrics)
     if progress is not None:

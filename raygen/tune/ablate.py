@@ -171,6 +171,7 @@ def run_sweep(spec: sw.SweepSpec, sweep_dir: Path, trials: list[sw.Trial], concu
 
 
 def main(argv=None) -> Path:
+    from raygen.core import storage
     from raygen.core.job import fail, init_ray
     from raygen.tune.report import write_report
 
@@ -183,8 +184,11 @@ def main(argv=None) -> Path:
             spec.eval_only = sw.EvalOnly(from_run=args.from_run)
         trials = sw.plan(spec)  # everything is checked before the first trial (or shared stage) starts
         sw.check_metrics(spec, trials)
+        root = next((t.cfg.run.storage for t in trials if t.cfg is not None), None)
+        storage.check(root)
     except ConfigError as e:
         fail(str(e))
+    storage.bind(root, args.runs_root)  # trials' checkpoints, metrics and eval results go to run.storage too
     init_ray()
     import ray
 
@@ -199,6 +203,8 @@ def main(argv=None) -> Path:
     if args.dry_run:
         return None
     sweep_dir = Path(args.runs_root).expanduser().resolve() / "ablate" / (args.name or spec.name)
+    if storage.pull(sweep_dir):  # a sweep resumed on a fresh cluster
+        print(f"fetched sweep {sweep_dir.name} from {storage.remote_of(sweep_dir).partition('?')[0]}", flush=True)
     try:
         resumed = prepare_sweep_dir(spec, sweep_dir)
         trials = sw.plan(spec, shared_stage(spec, sweep_dir, trials))
@@ -211,6 +217,7 @@ def main(argv=None) -> Path:
     finally:  # also after a Ctrl-C: the report shows where the sweep stands
         out = write_report(sweep_dir)
         print(f"report: {out}", flush=True)
+        storage.push(sweep_dir)
     ray.shutdown()  # flushes the workers' forwarded output, so the line below stays the last one
     print(f"tensorboard --logdir {sweep_dir / 'tune'}   # HParams tab: every trial's parameters and final metrics")
     print(f"sweep_dir: {sweep_dir}", flush=True)
