@@ -90,13 +90,25 @@ DATA_EXECUTOR_LOGGER = "ray.data._internal.execution.streaming_executor"
 NOTICES = {
     DATA_EXECUTOR_LOGGER: ("execution finished in",),
     "ray.data._internal.progress": ("Progress bars disabled",),
+    # this module names its logger by its file path (`logging.getLogger(__file__)`), resolved below
     "ray.train.v2._internal.execution.context": ("Reporting training result",),
 }
 
 
+def _logger_name(name: str) -> str:
+    if name == "ray.train.v2._internal.execution.context":
+        try:
+            import importlib
+
+            return importlib.import_module(name).__file__
+        except ImportError:
+            return name
+    return name
+
+
 def filter_data_notices() -> None:
     for name, notices in NOTICES.items():
-        log = logging.getLogger(name)
+        log = logging.getLogger(_logger_name(name))
         if not any(isinstance(f, _DropNotice) for f in log.filters):
             log.addFilter(_DropNotice(notices))
 

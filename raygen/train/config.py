@@ -58,6 +58,9 @@ class TrainConfig:
     topology: Optional[str] = None  # e.g. "2x4"
     accelerator_type: Optional[str] = None  # e.g. "TPU-V5E"
     torch_threads: int = 0  # 0: the node's cores divided by the workers on it
+    # CPUs Ray Data may use to feed training (decode, shuffle) beyond the workers' own; null: what is free.
+    # On a cluster shared with ingest jobs, a limit keeps the two from starving each other.
+    data_cpus: Optional[float] = None
     amp: Literal["auto", "bf16", "off"] = "auto"  # auto = bf16 on GPU, off on CPU
     compile: bool = False
     ema_decay: float = 0.999
@@ -106,6 +109,8 @@ class TrainConfig:
             if getattr(self, k) < 1:
                 name = "num_workers" if k == "min_workers" else k
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.data_cpus is not None and self.data_cpus <= 0:
+            raise ConfigError(f"train.data_cpus must be > 0 (or null: every free CPU), got {self.data_cpus}")
         if self.batch_size < 0:
             raise ConfigError(f"train.batch_size must be >= 1, got {self.batch_size}")
         for n in self.world_sizes():

@@ -2,7 +2,7 @@
 callbacks) for any task and hands the steps to the task's backend (docs/architecture.md).
 
 A backend offers `scaling(train_config, gpu)` (its own ScalingConfig, or None for the common one),
-`trainer(task, run_dir, scaling_config, run_config)` (a Ray Train trainer over its per-worker loop) and `export(task, run_dir, checkpoint_dir)` (writes `net_ema.pt`, returns the EMA
+`trainer(task, run_dir, scaling_config, run_config, dataset_config)` (a Ray Train trainer over its per-worker loop) and `export(task, run_dir, checkpoint_dir)` (writes `net_ema.pt`, returns the EMA
 state). The backends are raygen.train.torch_backend and raygen.train.jax_backend.
 """
 from __future__ import annotations
@@ -74,7 +74,7 @@ def fit(task, run_dir: Path, callbacks=()):
         callbacks=list(callbacks),
     )
     remove_unregistered_checkpoints(run_dir)
-    trainer = runner.trainer(task, Path(run_dir), scaling, run_config)
+    trainer = runner.trainer(task, Path(run_dir), scaling, run_config, ingest_config(tc))
     try:
         result = interruptible(trainer.fit)
     except Exception:
@@ -83,6 +83,18 @@ def fit(task, run_dir: Path, callbacks=()):
     if result.error is not None:
         remove_unregistered_checkpoints(run_dir)
     return result
+
+
+def ingest_config(tc: TrainConfig):
+    """Ray Data's share of the cluster while it feeds the workers. Ray Train reserves the workers'
+    resources first and Data plans within what is left; `train.data_cpus` caps Data further, so an
+    ingest job on the same cluster keeps its CPUs (and the trainer's data never waits on them). Order
+    is preserved: the data stream is a function of the seed, hence an exact resume."""
+    import ray.train
+    from ray.data import ExecutionOptions, ExecutionResources
+
+    limits = ExecutionResources(cpu=tc.data_cpus) if tc.data_cpus is not None else ExecutionResources.for_limits()
+    return ray.train.DataConfig(execution_options=ExecutionOptions(resource_limits=limits, preserve_order=True))
 
 
 def interruptible(fn):

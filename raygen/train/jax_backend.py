@@ -406,14 +406,15 @@ class JaxBackend:
                                            accelerator_type=tc.accelerator_type)
         return None
 
-    def trainer(self, task, run_dir: Path, scaling_config, run_config):
+    def trainer(self, task, run_dir: Path, scaling_config, run_config, dataset_config=None):
         from ray.train.v2.jax import JaxConfig, JaxTrainer
 
         accelerated = bool(scaling_config.use_tpu or scaling_config.use_gpu)
         return JaxTrainer(train_loop_per_worker,
                           train_loop_config={"task": task, "run_dir": str(run_dir), "accelerated": accelerated},
                           jax_config=JaxConfig(use_tpu=scaling_config.use_tpu, use_gpu=bool(scaling_config.use_gpu)),
-                          scaling_config=scaling_config, run_config=run_config, datasets=task.datasets())
+                          scaling_config=scaling_config, run_config=run_config, datasets=task.datasets(),
+                          dataset_config=dataset_config)
 
     def export(self, task, run_dir: Path, checkpoint_dir: Path) -> dict:
         """Write <run_dir>/net_ema.msgpack from a checkpoint; return the EMA params (numpy)."""

@@ -260,11 +260,12 @@ class TorchBackend:
     def scaling(self, tc: TrainConfig, gpu: bool):
         return None  # the driver's CPU/GPU ScalingConfig
 
-    def trainer(self, task, run_dir: Path, scaling_config, run_config):
+    def trainer(self, task, run_dir: Path, scaling_config, run_config, dataset_config=None):
         from ray.train.torch import TorchTrainer
 
         return TorchTrainer(train_loop_per_worker, train_loop_config={"task": task, "run_dir": str(run_dir)},
-                            scaling_config=scaling_config, run_config=run_config, datasets=task.datasets())
+                            scaling_config=scaling_config, run_config=run_config, datasets=task.datasets(),
+                          dataset_config=dataset_config)
 
     def export(self, task, run_dir: Path, checkpoint_dir: Path) -> dict:
         """Write <run_dir>/net_ema.pt from a checkpoint; return the EMA state dict."""

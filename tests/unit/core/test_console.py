@@ -128,7 +128,9 @@ def test_dataset_finished_notice_is_dropped_but_a_failure_is_not():
     assert log.filter(make(logging.WARNING, "something else"))
     filter_data_notices()  # idempotent: one filter
     assert sum(type(f).__name__ == "_DropNotice" for f in log.filters) == 1
-    train = logging.getLogger("ray.train.v2._internal.execution.context")
+    from ray.train.v2._internal.execution import context as train_context
+
+    train = train_context.logger  # the very logger Ray Train reports through (named by its file path)
     assert not train.filter(train.makeRecord(train.name, logging.INFO, __file__, 1,
                                              "Reporting training result 3: TrainingReport(...)", (), None))
     assert train.filter(train.makeRecord(train.name, logging.ERROR, __file__, 1, "worker died", (), None))
