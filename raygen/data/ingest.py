@@ -197,6 +197,15 @@ def default_store_path(cfg: IngestConfig | PixelIngestConfig, runs_root: str, en
     return Path(runs_root).expanduser().resolve() / "stores" / "-".join(p for p in parts if p)
 
 
+def free_cpus() -> int:
+    """The CPUs an ingest sizes its actor pools from when not told: those free now, not the cluster's
+    total, so an ingest started next to a training run takes what training left (at least one) instead
+    of asking for actors that could never be placed."""
+    import ray
+
+    return max(1, int(ray.available_resources().get("CPU", 0)))
+
+
 def resolve_resources(cfg: IngestConfig) -> tuple[int, float, int, bool]:
     """(encoder actors, GPUs per encoder actor, decode actors, fused) for this cluster. GPUs: one
     encoder actor per GPU, fed by CPU decode actors. CPUs only: decode runs inside the encoder actors
@@ -204,7 +213,7 @@ def resolve_resources(cfg: IngestConfig) -> tuple[int, float, int, bool]:
     import ray
 
     res = ray.cluster_resources()
-    gpus, cpus = res.get("GPU", 0), int(res.get("CPU", 1))
+    gpus, cpus = res.get("GPU", 0), free_cpus()
     e, p = cfg.encoder, cfg.ingest
     gpa = e.gpus_per_actor if e.gpus_per_actor is not None else (1.0 if gpus else 0.0)
     if gpa > gpus:
@@ -218,7 +227,7 @@ def resolve_resources(cfg: IngestConfig) -> tuple[int, float, int, bool]:
     enc_cpus = actors * (e.cpus_per_actor if gpa == 0 else 1)
     if enc_cpus + p.cpus_per_decoder > cpus + 1e-9:
         raise ConfigError(f"{actors} encoder actors x {e.cpus_per_actor:g} CPUs leave no CPU for decoding on a "
-                          f"cluster with {cpus} CPUs; lower encoder.actors or encoder.cpus_per_actor")
+                          f"cluster with {cpus} free CPUs; lower encoder.actors or encoder.cpus_per_actor")
     decoders = p.decode_actors or max(1, int((cpus - enc_cpus) // p.cpus_per_decoder))
     return actors, gpa, decoders, False
 
@@ -302,11 +311,11 @@ def run_ingest(cfg: IngestConfig | PixelIngestConfig, store_dir: Path,
 
 
 def resolve_decoders(cfg: PixelIngestConfig) -> int:
-    """Decode actors of a pixel ingest: `ingest.decode_actors`, or every CPU of the cluster (the shard
+    """Decode actors of a pixel ingest: `ingest.decode_actors`, or every free CPU of the cluster (the shard
     writers take no CPU reservation)."""
     import ray
 
-    cpus = int(ray.cluster_resources().get("CPU", 1))
+    cpus = free_cpus()
     p = cfg.ingest
     if p.cpus_per_decoder > cpus:
         raise ConfigError(f"ingest.cpus_per_decoder={p.cpus_per_decoder:g} but the cluster has {cpus} CPUs; lower it")
