@@ -187,7 +187,7 @@ def keep_in_storage(run_dir) -> None:
         print(f"warning: could not copy {run_dir} to run.storage: {e}", file=sys.stderr, flush=True)
         return
     if storage.remote_of(run_dir):
-        print(f"  storage        {storage.remote_of(run_dir).partition('?')[0]} (checkpoints and a copy of the run "
+        print(f"  storage        {storage.display(storage.remote_of(run_dir))} (checkpoints and a copy of the run "
               "directory)", flush=True)
 
 

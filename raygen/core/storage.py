@@ -65,6 +65,15 @@ def join(uri: str, *parts: str) -> str:
     return f"{path}{q}{query}"
 
 
+def display(uri: str) -> str:
+    """`uri` as printed: no query string, no credentials (`s3://KEY:SECRET@bucket/...`)."""
+    base = uri.partition("?")[0]
+    scheme, sep, rest = base.partition("://")
+    if sep and "@" in rest.split("/", 1)[0]:
+        rest = rest.split("@", 1)[1]
+    return f"{scheme}{sep}{rest}"
+
+
 def remote_of(local_dir) -> str | None:
     """The storage twin of `local_dir` (a run directory under the bound runs root), or None when no
     storage is bound or the directory is not under the runs root."""
@@ -188,6 +197,6 @@ def fetch_named_run(storage: str, runs_root, recipe: str, name: str) -> Path | N
         return local
     local.mkdir(parents=True, exist_ok=True)
     n = _download(fs, f"{root}/{dirs[-1]}", local)
-    print(f"fetched run {dirs[-1]} from {join(storage, recipe, dirs[-1]).partition('?')[0]} ({n} files; "
+    print(f"fetched run {dirs[-1]} from {display(join(storage, recipe, dirs[-1]))} ({n} files; "
           "its checkpoints stay there)", flush=True)
     return local

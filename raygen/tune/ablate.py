@@ -204,7 +204,7 @@ def main(argv=None) -> Path:
         return None
     sweep_dir = Path(args.runs_root).expanduser().resolve() / "ablate" / (args.name or spec.name)
     if storage.pull(sweep_dir):  # a sweep resumed on a fresh cluster
-        print(f"fetched sweep {sweep_dir.name} from {storage.remote_of(sweep_dir).partition('?')[0]}", flush=True)
+        print(f"fetched sweep {sweep_dir.name} from {storage.display(storage.remote_of(sweep_dir))}", flush=True)
     try:
         resumed = prepare_sweep_dir(spec, sweep_dir)
         trials = sw.plan(spec, shared_stage(spec, sweep_dir, trials))

@@ -115,3 +115,8 @@ def test_data_position_after_a_resize_keeps_the_fraction_of_the_epoch():
     assert c.position_for(4) == DataPosition(3, 5)
     assert Counters(data=DataPosition(1, 7)).position_for(3) == DataPosition(1, 7)  # world not recorded
     assert Counters.from_dict({"step": 1, "data": {"epoch": 0, "batch": 2}, "world": 2}).world == 2
+
+
+def test_display_hides_credentials_and_options():
+    assert storage.display("s3://KEY:SECRET@bucket/p/dit?endpoint_override=h:1&scheme=http") == "s3://bucket/p/dit"
+    assert storage.display("gs://bucket/p") == "gs://bucket/p" and storage.display("/nfs/runs") == "/nfs/runs"
