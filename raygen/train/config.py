@@ -56,7 +56,7 @@ class TrainConfig:
     # TPU slices (JAX recipes): Ray reserves each worker's TPU chips from the topology and type
     use_tpu: bool = False
     topology: Optional[str] = None  # e.g. "2x4"
-    accelerator_type: Optional[str] = None  # e.g. "TPU-V5E"
+    accelerator_type: Optional[str] = None  # e.g. "TPU-V6E", "TPU-V5LITEPOD" (v5e), "TPU-V4"
     torch_threads: int = 0  # 0: the node's cores divided by the workers on it
     # CPUs Ray Data may use to feed training (decode, shuffle) beyond the workers' own; null: what is free.
     # On a cluster shared with ingest jobs, a limit keeps the two from starving each other.
@@ -123,13 +123,30 @@ class TrainConfig:
                 )
         if self.use_tpu and self.max_workers > 1 and not (self.topology and self.accelerator_type):
             raise ConfigError("train.use_tpu=true with several workers needs train.topology (e.g. 2x4) and "
-                              "train.accelerator_type (e.g. TPU-V5E), as the slice was created")
+                              "train.accelerator_type (e.g. TPU-V6E), as the slice was created")
+        if self.use_tpu and self.topology and self.accelerator_type:
+            check_tpu_slice(self.accelerator_type, self.topology, self.max_workers)
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError("train.ema_decay must be in [0, 1)")
         if self.duration_kimg is not None and self.duration_kimg <= 0:
             raise ConfigError("train.duration_kimg must be > 0 (or null to use train.steps)")
         if self.ema_halflife_kimg is not None and self.ema_halflife_kimg <= 0:
             raise ConfigError("train.ema_halflife_kimg must be > 0 (or null to use train.ema_decay)")
+
+
+def check_tpu_slice(accelerator_type: str, topology: str, num_workers: int) -> None:
+    """The slice names Ray knows, and one worker per host of whole slices (Ray's own TPU helpers)."""
+    from ray.util import tpu
+
+    try:
+        tpu.get_tpu_version_from_type(accelerator_type)
+        hosts, _ = tpu.get_tpu_worker_resources(topology=topology, accelerator_type=accelerator_type)
+    except ValueError as e:
+        raise ConfigError(f"train.accelerator_type={accelerator_type} / train.topology={topology}: {e} (v5e is "
+                          "TPU-V5LITEPOD)") from None
+    if hosts and num_workers % hosts:
+        raise ConfigError(f"train.num_workers={num_workers}: a {accelerator_type} {topology} slice has {hosts} "
+                          f"host{'s' * (hosts > 1)}, one worker each; use a multiple of {hosts}")
 
 
 @dataclass

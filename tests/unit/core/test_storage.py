@@ -1,14 +1,11 @@
 """run.storage without a cluster: the twin of a run directory on a filesystem pyarrow opens (a local
-path here; s3:// against a real S3 server is tests/e2e/test_storage_s3.py), what is copied each way,
-and elastic worker counts in the train config."""
+path here; s3:// against a real S3 server is tests/e2e/test_storage_s3.py) and what is copied each way."""
 import os
 
 import pytest
 
 from raygen.config import ConfigError
 from raygen.core import storage
-from raygen.train.config import TrainConfig
-from raygen.train.state import Counters, DataPosition
 
 
 @pytest.fixture
@@ -83,38 +80,6 @@ def test_pull_fills_a_fresh_runs_root_and_a_named_run_is_found(bound, tmp_path):
     assert storage.pull(local) == 0 and (local / "config.yaml").read_text() == "edited locally\n"
     assert storage.pull(local, only=("config.yaml",), overwrite=True) == 1
     assert (local / "config.yaml").read_text() == "train:\n  steps: 5\n"
-
-
-def test_elastic_worker_counts_are_checked_for_every_size():
-    tc = TrainConfig(num_workers=[1, 2], batch_size=64)
-    tc.validate()
-    assert (tc.min_workers, tc.max_workers, tc.elastic, list(tc.world_sizes())) == (1, 2, True, [1, 2])
-    assert not TrainConfig(num_workers=2, batch_size=64).elastic
-    with pytest.raises(ConfigError, match="not divisible by 3 workers"):
-        TrainConfig(num_workers=[2, 4], batch_size=64).validate()
-    with pytest.raises(ConfigError, match=r"\[min, max\]"):
-        TrainConfig(num_workers=[3, 1], batch_size=6).validate()
-    with pytest.raises(ConfigError, match="max_failures"):
-        TrainConfig(num_workers=[1, 2], batch_size=64, max_failures=0).validate()
-
-
-def test_config_loads_num_workers_as_a_count_or_a_range(tmp_path):
-    from raygen.config import load_config
-    from raygen.recipes import dit
-
-    cfg, _ = load_config(dit.DiTConfig, preset=None, preset_dir=tmp_path, overrides=["train.num_workers=[1,2]"])
-    assert cfg.train.num_workers == [1, 2]
-    cfg, _ = load_config(dit.DiTConfig, preset=None, preset_dir=tmp_path, overrides=["train.num_workers=2"])
-    assert cfg.train.num_workers == 2
-
-
-def test_data_position_after_a_resize_keeps_the_fraction_of_the_epoch():
-    c = Counters(step=40, data=DataPosition(epoch=3, batch=10), world=2)
-    assert c.position_for(2) == DataPosition(3, 10)
-    assert c.position_for(1) == DataPosition(3, 20)  # half the shards' batches per worker -> twice as many alone
-    assert c.position_for(4) == DataPosition(3, 5)
-    assert Counters(data=DataPosition(1, 7)).position_for(3) == DataPosition(1, 7)  # world not recorded
-    assert Counters.from_dict({"step": 1, "data": {"epoch": 0, "batch": 2}, "world": 2}).world == 2
 
 
 def test_display_hides_credentials_and_options():
