@@ -169,12 +169,13 @@ class DiT(nn.Module):
         num_heads: int = 16,
         mlp_ratio: float = 4.0,
         num_classes: int = 1000,
+        learn_sigma: bool = False,  # 2C outputs: eps and the variance interpolation (Improved DDPM, as DiT's paper)
     ):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"image size {input_size} is not divisible by patch size {patch_size}")
         self.in_channels = in_channels
-        self.out_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.patch_size = patch_size
         self.input_size = input_size
         self.num_classes = num_classes

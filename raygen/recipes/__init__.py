@@ -18,6 +18,7 @@ from raygen.train.config import OptimConfig, TrainConfig, resolve_image_units
 
 # built-in recipes: name -> module that registers it (imported on first use)
 BUILTIN = {
+    "diffit": "raygen.recipes.diffit",
     "dit": "raygen.recipes.dit",
     "drifting": "raygen.recipes.drifting",
     "edm": "raygen.recipes.edm",

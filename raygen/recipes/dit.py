@@ -62,10 +62,15 @@ class DiTTask(ImageTask):
         overrides = {k: v for k in ("hidden_size", "depth", "num_heads") if (v := getattr(m, k)) is not None}
         return NetSpec("raygen.nets.dit:dit", {"name": m.arch, "input_size": self.cfg.data.resolution,
                                                "in_channels": self.sample_shape[0], "num_classes": self.num_classes,
-                                               "mlp_ratio": m.mlp_ratio, **overrides})
+                                               "mlp_ratio": m.mlp_ratio, **overrides, **learn_sigma(self.cfg.method)})
 
     def build_method(self) -> DDPM:
         return DDPM(self.cfg.method, self.num_classes)
+
+
+def learn_sigma(method: DDPMConfig) -> dict:
+    """The network kwarg for a learned variance (only when on: NetSpecs of earlier runs stay as they were)."""
+    return {"learn_sigma": True} if method.learn_sigma else {}
 
 
 def resolve(cfg: DiTConfig) -> DiTConfig:

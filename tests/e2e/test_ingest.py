@@ -393,7 +393,7 @@ def test_every_shipped_preset_loads(mean_store, jpeg_tree, tmp_path):
 
     recipes = (("dit", None), ("encode_latents", IngestConfig), ("encode_siglip", IngestConfig),
                ("encode_pixels", PixelIngestConfig), ("drifting", None), ("latent_mae", None), ("edm", None),
-               ("sdd", None))
+               ("sdd", None), ("diffit", None))
     volumes = tmp_path / "volumes"
     volumes.mkdir()
     np.save(volumes / "ct.npy", np.zeros((4, 8, 8), np.int16))
@@ -402,7 +402,7 @@ def test_every_shipped_preset_loads(mean_store, jpeg_tree, tmp_path):
         for yaml_file in sorted(preset_dir(recipe).glob("*.yaml")):
             text = yaml_file.read_text()
             over = []
-            if recipe in ("dit", "latent_mae") and "source: latents" in text:
+            if recipe in ("dit", "latent_mae", "diffit") and "source: latents" in text:
                 over = [f"data.path={mean_store.path}"]
             elif recipe == "drifting" and yaml_file.stem.startswith("imagenet"):
                 # the test store has 12 classes, ImageNet presets ask for 64-128 distinct ones per step
@@ -411,6 +411,8 @@ def test_every_shipped_preset_loads(mean_store, jpeg_tree, tmp_path):
                 over = [f"data.path={jpeg_tree / 'train'}"]
             elif recipe in ("edm", "sdd") and yaml_file.stem not in ("default", "smoke"):  # raw files (data.source=files)
                 over = [f"data.path={volumes if yaml_file.stem == 'volumes' else jpeg_tree}"]
+            elif recipe == "diffit" and yaml_file.stem not in ("default", "smoke"):  # a pixel store, or a folder
+                over = ["data.source=image_folder", f"data.path={jpeg_tree / 'train'}"]
             elif recipe != "dit" and "kind: auto" in text:
                 over = [f"source.path={jpeg_tree}"]
             if cls is None:  # a training recipe: loaded and resolved as its job does
@@ -423,4 +425,5 @@ def test_every_shipped_preset_loads(mean_store, jpeg_tree, tmp_path):
                 assert cfg.data.source == "latents" and cfg.data.path == str(mean_store.path)
     assert {"drifting/default", "drifting/smoke", "drifting/imagenet256_ablation", "drifting/imagenet256_L",
             "latent_mae/default", "latent_mae/imagenet256_w256", "edm/cifar10_ddpmpp", "edm/imagenet64_adm",
-            "sdd/cifar10_klub", "sdd/cifar10_hkd", "sdd/volumes"} <= seen
+            "sdd/cifar10_klub", "sdd/cifar10_hkd", "sdd/volumes", "diffit/cifar10", "diffit/imagenet64",
+            "diffit/imagenet256_latent"} <= seen
