@@ -16,7 +16,7 @@ from pathlib import Path
 from raygen.config import ConfigError, load_config, write_config
 from raygen.core import storage
 from raygen.core.job import (create_run_dir, fail, init_ray, interrupts, lock_run, parse_args, preset_dir, report,
-                             resolve_run_dir)
+                             resolve_run_dir, stop_ray)
 
 
 def load_resolved(recipe, *, preset=None, config_file=None, overrides=()):
@@ -174,6 +174,7 @@ def run_job(name: str, argv=None) -> Path:
             metrics = guarded(recipe.run, cfg, run_dir)
         finally:  # what the run wrote, also when it failed: a resume elsewhere starts from storage
             keep_in_storage(run_dir)
+        stop_ray()  # flushes Ray's forwarded output (a lost node's notice, say) so `run_dir:` stays the last line
         report(run_dir, metrics)
     return run_dir
 

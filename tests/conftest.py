@@ -20,6 +20,9 @@ def _env(tmp_path_factory):
     os.environ.setdefault("RAYGEN_CACHE", str(tmp_path_factory.mktemp("raygen_cache")))
     os.environ["WANDB_MODE"] = "offline"
     os.environ.setdefault("WANDB_SILENT", "true")
+    # Ray Train's controller takes a report every 2 s by default, and a worker's next `ray.train.report`
+    # waits for it: the tests' tiny runs report every step or two. Passed on to the controller by the driver.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     yield
 
 

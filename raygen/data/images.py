@@ -259,10 +259,12 @@ def build_dataset(cfg: ImageDataConfig, split: str = "train"):
         )
     else:
         images, labels = arrays(cfg, split)
-        # few, large blocks: per-block task overhead dominates tiny in-memory datasets
+        # converted here, in the driver, and handed to Ray as ready blocks: they live in the driver's
+        # object store, never only on a worker node whose loss would leave them to be recomputed by a
+        # task that a restarted worker group (holding every CPU) never lets run. Few, large blocks:
+        # per-block overhead dominates tiny in-memory datasets.
         blocks = max(1, min(8, len(labels) // 2048))
-        ds = ray.data.from_items([{"image": im, "label": int(lab)} for im, lab in zip(images, labels)],
-                                 override_num_blocks=blocks)
-    ds = ds.map_batches(to_model_input, batch_format="numpy")
-    # an in-memory source is decoded once and kept in the object store; epochs then only read blocks
-    return ds.materialize() if cfg.source != "image_folder" else ds
+        x = to_model_input({"image": images, "label": labels})
+        return ray.data.from_items([{"image": im, "label": int(lab)} for im, lab in zip(x["image"], x["label"])],
+                                   override_num_blocks=blocks)
+    return ds.map_batches(to_model_input, batch_format="numpy")  # image folders stream from disk
