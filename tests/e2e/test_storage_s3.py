@@ -46,11 +46,11 @@ def test_a_run_killed_and_resumed_from_the_bucket_equals_an_uninterrupted_one(s3
     # the job's own credentials and endpoint (the session's cluster was started without them): raygen
     # passes them to its Ray workers and to Ray Train's controller through the job's runtime environment
     env = {**job_env, **s3.env}
-    straight = subprocess.run(job([f"run.storage={s3.plain_uri('straight')}", "run.name=straight"], env,
-                                  tmp_path / "a"), env=env, capture_output=True, text=True, timeout=600)
-    assert straight.returncode == 0, (straight.stdout + straight.stderr)[-3000:]
-
-    # the same run, killed without warning once its first checkpoint is registered in the bucket
+    # the uninterrupted run and the one to kill side by side (one worker each on the session's 2 CPUs)
+    straight = subprocess.Popen(job([f"run.storage={s3.plain_uri('straight')}", "run.name=straight"], env,
+                                    tmp_path / "a"), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+    # killed without warning once its first checkpoint is registered in the bucket
     killed_args = [f"run.storage={s3.plain_uri('killed')}", "run.name=killed"]
     proc = subprocess.Popen(job(killed_args, env, tmp_path / "b"), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -63,6 +63,8 @@ def test_a_run_killed_and_resumed_from_the_bucket_equals_an_uninterrupted_one(s3
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     shutil_rm(tmp_path / "b")  # nothing local survives: the resume has only the bucket
+    out, _ = straight.communicate(timeout=600)
+    assert straight.returncode == 0, out[-3000:]
 
     # resumed on a fresh cluster (the job starts its own Ray) with an empty runs root
     fresh_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
