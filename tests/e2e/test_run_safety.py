@@ -132,7 +132,8 @@ def test_a_full_disk_leaves_no_unregistered_checkpoint_and_no_probe(small_fs, jo
 
 @pytest.mark.slow
 def test_ctrl_c_mid_training_prints_the_resume_line_and_the_rerun_resumes(tmp_path, job_env):
-    args = [*TINY, "train.steps=400", "train.ckpt_every=5", "train.log_every=5", "run.name=sig"]
+    # long enough never to finish before the signal (the tiny net runs ~17 steps/s once reports are fast)
+    args = [*TINY, "train.steps=20000", "train.ckpt_every=5", "train.log_every=5", "run.name=sig"]
     proc = start("dit", *args, runs_root=tmp_path, env=job_env)
     deadline = time.time() + 300
     snapshot = None
@@ -142,6 +143,7 @@ def test_ctrl_c_mid_training_prints_the_resume_line_and_the_rerun_resumes(tmp_pa
             break
         time.sleep(0.5)
     assert snapshot is not None, "no checkpoint was registered in time"
+    assert proc.poll() is None, "the run ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err[-2000:]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-N = 12
+N = 24  # long enough that the kill lands mid-run (the tiny net trains ~17 steps/s)
 TINY = ["--preset", "smoke", f"train.steps={N}", "train.ckpt_every=4", "train.log_every=1", "train.batch_size=32",
         "train.sample_every=4", "model.hidden_size=32", "model.depth=2", "model.num_heads=2", "log.wandb=false",
         "log.progress=false", "eval.enabled=false", "optim.warmup_steps=2"]
