@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from raygen.nets.dit import DIT_PATCHES, DIT_SIZES, LabelEmbedder, Mlp, TimestepEmbedder, sincos_pos_embed_2d
+from raygen.nets.dit import parse_arch as dit_parse_arch
 
 Resolution = Union[int, Sequence[int]]
 TIME_INITS = ("zero", "xavier")
@@ -449,13 +450,12 @@ class DiffiTLatent(_Conditioning):
 
 
 def parse_arch(name: str) -> dict:
-    """"DiffiT-<size>/<patch>" (sizes as DiT's: T, S, B, L, XL; patches 2, 4, 8) -> constructor args."""
+    """"DiffiT-<size>/<patch>" (DiT's sizes T, S, B, L, XL and patches 2, 4, 8) -> constructor args."""
     try:
-        size, patch = name.removeprefix("DiffiT-").split("/")
-        if int(patch) not in DIT_PATCHES:
-            raise ValueError(patch)
-        return dict(DIT_SIZES[size], patch_size=int(patch))
-    except (KeyError, ValueError):
+        if not name.startswith("DiffiT-"):  # only DiffiT names: "DiT-B/2" is not one
+            raise ValueError(name)
+        return dit_parse_arch("DiT-" + name.removeprefix("DiffiT-"))
+    except ValueError:
         names = [f"DiffiT-{s}/{p}" for s in DIT_SIZES for p in DIT_PATCHES]
         raise ValueError(f"unknown DiffiT size {name!r}; choose one of {', '.join(names)}") from None
 
