@@ -82,6 +82,12 @@ def window_shape(hw: tuple[int, int], window_size: int) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------------
 # TMSA and the DiffiT blocks.
 
+def init_time_projection(lin: nn.Linear, time_init: str) -> None:
+    """The projection of the time token: zero ("zero": the block starts time-independent) or xavier."""
+    (nn.init.zeros_ if time_init == "zero" else nn.init.xavier_uniform_)(lin.weight)
+    nn.init.zeros_(lin.bias)
+
+
 class TMSA(nn.Module):
     """Time-dependent multi-head self-attention (arXiv 2312.02139 Eq. 3-6) on a token grid:
         q = x_s W_qs + x_t W_qt,  k = x_s W_ks + x_t W_kt,  v = x_s W_vs + x_t W_vt
@@ -93,10 +99,12 @@ class TMSA(nn.Module):
 
     `time_init`: "zero" (default) zero-initialises `qkv_temb`, so TMSA starts as plain attention and
     the time dependence grows from the gradient (the gradient of `qkv_temb` is the token-summed q/k/v
-    gradient times the time token, not zero); "xavier" is the public release's init."""
+    gradient times the time token, not zero); "xavier" is the public release's init.
+    `time_dependent=False` drops `qkv_temb`: plain windowed multi-head self-attention with the same bias
+    (the ablation's "TMSA off", where `DiffiTBlock` adds the time token to the spatial tokens instead)."""
 
     def __init__(self, dim: int, num_heads: int, temb_dim: int, window_size: int, qkv_bias: bool = True,
-                 time_init: str = "zero"):
+                 time_init: str = "zero", time_dependent: bool = True):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
@@ -106,18 +114,18 @@ class TMSA(nn.Module):
             raise ValueError(f"time_init must be one of {TIME_INITS}, got {time_init!r}")
         self.dim, self.num_heads, self.window_size, self.time_init = dim, num_heads, window_size, time_init
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.qkv_temb = nn.Linear(temb_dim, 3 * dim)
+        self.qkv_temb = nn.Linear(temb_dim, 3 * dim) if time_dependent else None
         self.proj = nn.Linear(dim, dim)
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for lin in (self.qkv, self.proj, self.qkv_temb):
+        for lin in (self.qkv, self.proj):
             nn.init.xavier_uniform_(lin.weight)
             if lin.bias is not None:
                 nn.init.zeros_(lin.bias)
-        if self.time_init == "zero":
-            nn.init.zeros_(self.qkv_temb.weight)
+        if self.qkv_temb is not None:
+            init_time_projection(self.qkv_temb, self.time_init)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
     def relative_bias(self, wh: int, ww: int) -> torch.Tensor:
@@ -136,11 +144,14 @@ class TMSA(nn.Module):
             raise ValueError(f"expected tokens [B, {h * w}, {self.dim}] for a {h}x{w} grid, got {list(x.shape)}")
         heads, d = self.num_heads, c // self.num_heads
         wh, ww = window_shape(hw, self.window_size)
-        # x_s W_s + (x_t W_t + b): the time term is a per-sample bias of the one batched matmul
-        tbias = F.linear(temb.to(x.dtype), self.qkv_temb.weight.to(x.dtype), self.qkv_temb.bias.to(x.dtype))
-        if self.qkv.bias is not None:
-            tbias = tbias + self.qkv.bias.to(x.dtype)
-        qkv = torch.baddbmm(tbias.unsqueeze(1), x, self.qkv.weight.to(x.dtype).t().expand(b, c, 3 * c))
+        if self.qkv_temb is None:
+            qkv = F.linear(x, self.qkv.weight.to(x.dtype), None if self.qkv.bias is None else self.qkv.bias.to(x.dtype))
+        else:
+            # x_s W_s + (x_t W_t + b): the time term is a per-sample bias of the one batched matmul
+            tbias = F.linear(temb.to(x.dtype), self.qkv_temb.weight.to(x.dtype), self.qkv_temb.bias.to(x.dtype))
+            if self.qkv.bias is not None:
+                tbias = tbias + self.qkv.bias.to(x.dtype)
+            qkv = torch.baddbmm(tbias.unsqueeze(1), x, self.qkv.weight.to(x.dtype).t().expand(b, c, 3 * c))
         bias = self.relative_bias(wh, ww).to(qkv.dtype)  # SDPA wants the mask in q's dtype (autocast)
         if (wh, ww) == (h, w):  # one window: q, k, v are views of qkv (as raygen.nets.dit.Attention)
             q, k, v = (u.transpose(1, 2) for u in qkv.view(b, n, 3, heads, d).unbind(2))
@@ -157,13 +168,22 @@ class TMSA(nn.Module):
 
 class DiffiTBlock(nn.Module):
     """DiffiT transformer block (Eq. 7-8): x^ = TMSA(LN(x), x_t) + x; x = MLP(LN(x^)) + x^.
-    LayerNorms without affine, eps 1e-6; MLP Linear -> tanh-GELU -> Linear (as the public release)."""
+    LayerNorms without affine, eps 1e-6; MLP Linear -> tanh-GELU -> Linear (as the public release).
+
+    `tmsa=False` is the ablation without time-dependent attention: the time token is projected to the
+    width and added to the spatial tokens, x <- x + x_t W_t, then plain self-attention (as ViT-style
+    diffusion backbones that condition by adding the time embedding; `time_proj`, initialised as TMSA's
+    time projection)."""
 
     def __init__(self, dim: int, num_heads: int, temb_dim: int, window_size: int, mlp_ratio: float = 4.0,
-                 time_init: str = "zero"):
+                 time_init: str = "zero", tmsa: bool = True):
         super().__init__()
+        self.time_proj = None
+        if not tmsa:
+            self.time_proj = nn.Linear(temb_dim, dim)
+            init_time_projection(self.time_proj, time_init)
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = TMSA(dim, num_heads, temb_dim, window_size, time_init=time_init)
+        self.attn = TMSA(dim, num_heads, temb_dim, window_size, time_init=time_init, time_dependent=tmsa)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         for lin in (self.mlp.fc1, self.mlp.fc2):
@@ -171,6 +191,8 @@ class DiffiTBlock(nn.Module):
             nn.init.zeros_(lin.bias)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        if self.time_proj is not None:
+            x = x + self.time_proj(temb).to(x.dtype).unsqueeze(1)
         x = x + self.attn(self.norm1(x), temb, hw)
         return x + self.mlp(self.norm2(x))
 
@@ -188,11 +210,11 @@ class DiffiTResBlock(nn.Module):
     The transformer block sees one token per pixel (C channels), with windowed TMSA."""
 
     def __init__(self, channels: int, num_heads: int, temb_dim: int, window_size: int, mlp_ratio: float = 4.0,
-                 time_init: str = "zero"):
+                 time_init: str = "zero", tmsa: bool = True):
         super().__init__()
         self.norm = nn.GroupNorm(group_count(channels), channels, eps=1e-6)
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-        self.block = DiffiTBlock(channels, num_heads, temb_dim, window_size, mlp_ratio, time_init)
+        self.block = DiffiTBlock(channels, num_heads, temb_dim, window_size, mlp_ratio, time_init, tmsa)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -281,7 +303,7 @@ class DiffiTUNet(_Conditioning):
     def __init__(self, img_resolution: Resolution = 32, in_channels: int = 3, num_classes: int = 0,
                  model_channels: int = 128, channel_mult: Sequence[int] = (1, 2, 2, 2), num_blocks: int = 2,
                  num_mid_blocks: int = 2, window_size: int = 8, channels_per_head: int = 32, mlp_ratio: float = 4.0,
-                 emb_mult: int = 4, learn_sigma: bool = False, time_init: str = "zero"):
+                 emb_mult: int = 4, learn_sigma: bool = False, time_init: str = "zero", tmsa: bool = True):
         super().__init__()
         self.img_resolution = img_resolution
         self.img_size = _hw(img_resolution)
@@ -296,7 +318,8 @@ class DiffiTUNet(_Conditioning):
 
         def res_blocks(c: int, n: int) -> nn.ModuleList:
             heads = max(1, c // channels_per_head)
-            return nn.ModuleList([DiffiTResBlock(c, heads, temb, window_size, mlp_ratio, time_init) for _ in range(n)])
+            return nn.ModuleList([DiffiTResBlock(c, heads, temb, window_size, mlp_ratio, time_init, tmsa)
+                                  for _ in range(n)])
 
         self.stem = nn.Conv2d(in_channels, chans[0], 3, padding=1)
         self.down = nn.ModuleList([Downsample(chans[i - 1], chans[i]) for i in range(1, self.levels)])
@@ -415,7 +438,8 @@ class DiffiTLatent(_Conditioning):
 
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, hidden_size: int = 1152,
                  depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, num_classes: int = 1000,
-                 learn_sigma: bool = False, window_size: Optional[int] = None, time_init: str = "zero"):
+                 learn_sigma: bool = False, window_size: Optional[int] = None, time_init: str = "zero",
+                 tmsa: bool = True):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input size {input_size} is not divisible by patch size {patch_size}")
@@ -430,7 +454,7 @@ class DiffiTLatent(_Conditioning):
         self.register_buffer("pos_embed", torch.from_numpy(sincos_pos_embed_2d(hidden_size, self.grid)).float()
                              .unsqueeze(0), persistent=False)
         self.blocks = nn.ModuleList([DiffiTBlock(hidden_size, num_heads, hidden_size, self.window_size, mlp_ratio,
-                                                 time_init) for _ in range(depth)])
+                                                 time_init, tmsa) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:

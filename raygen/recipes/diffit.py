@@ -39,6 +39,7 @@ class DiffiTModelConfig:
     num_heads: Optional[int] = None
     mlp_ratio: float = 4.0
     time_init: Literal["zero", "xavier"] = "zero"  # the time projection of TMSA (docs/methods/diffit.md)
+    tmsa: bool = True  # false: the ablation, time token added to the spatial tokens, time-independent attention
 
     @property
     def latent(self) -> bool:
@@ -76,7 +77,7 @@ class DiffiTTask(DiTTask):
                                                                            "channels_per_head")
         kwargs = {k: v for k in (*keys, "window_size") if (v := getattr(m, k)) is not None}
         kwargs.update(in_channels=self.sample_shape[0], num_classes=self.num_classes, mlp_ratio=m.mlp_ratio,
-                      time_init=m.time_init, **learn_sigma(cfg.method))
+                      time_init=m.time_init, tmsa=m.tmsa, **learn_sigma(cfg.method))
         if m.latent:
             return NetSpec("raygen.nets.diffit:diffit", {"name": m.arch, "input_size": cfg.data.resolution, **kwargs})
         if m.channel_mult is not None:

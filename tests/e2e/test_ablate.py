@@ -45,6 +45,13 @@ def test_shipped_sweeps_expand_to_their_grid(name):
         assert {"drift.coupling", "drift.drift_form"} <= set(spec.grid)
     if name.startswith("dit_sampler"):
         assert spec.eval_only is not None and set(spec.grid) == {"eval.settings.steps", "eval.settings.cfg_scale"}
+    if name.startswith("diffit_tmsa"):  # the attention ablation: window size x TMSA on/off, both values built
+        assert set(spec.grid) == {"model.window_size", "model.tmsa"} and spec.grid["model.tmsa"] == [True, False]
+        from raygen.recipes.diffit import DiffiTTask
+        for t in trials:
+            net = DiffiTTask(t.cfg).net_spec().build()
+            assert any("qkv_temb" in k for k in net.state_dict()) == t.cfg.model.tmsa
+            assert {b.attn.window_size for b in net.modules() if hasattr(b, "attn")} == {t.cfg.model.window_size}
     if name == "drifting_coupling":
         assert spec.grid["drift.coupling"] == ["partial_two_sided", "row", "sinkhorn"] and len(trials) == 12
         assert spec.grid["drift.metric"] == ["l2", "l2_sq"]

@@ -255,6 +255,31 @@ def test_diffit_block_and_resblock_match_equations():
         torch.testing.assert_close(blk(tok, temb, (8, 8)), ref_block(tok), atol=1e-10, rtol=0)
 
 
+def test_block_without_tmsa_adds_the_time_token_to_the_tokens():
+    """The ablation's "TMSA off": x <- x + x_t W_t + b_t, then Eq. 7-8 with time-independent attention
+    (the reference TMSA with its time part zero), and no time projection inside the attention."""
+    torch.manual_seed(0)
+    blk = DiffiTBlock(16, 2, 12, 4, tmsa=False).double()
+    assert blk.attn.qkv_temb is None and "attn.qkv_temb.weight" not in blk.state_dict()
+    assert torch.equal(blk.time_proj.weight, torch.zeros_like(blk.time_proj.weight))  # time_init "zero"
+    _randomise(blk, 11, std=0.2)
+    ref_attn = _tmsa(dim=16, heads=2, temb=12, window=4)
+    ref_attn.load_state_dict({**blk.attn.state_dict(), "qkv_temb.weight": torch.zeros(48, 12, dtype=torch.float64),
+                              "qkv_temb.bias": torch.zeros(48, dtype=torch.float64)})
+    g = torch.Generator().manual_seed(12)
+    tok = torch.randn(2, 64, 16, generator=g, dtype=torch.float64)
+    temb = torch.randn(2, 12, generator=g, dtype=torch.float64)
+    ln = lambda u: F.layer_norm(u, (16,), eps=1e-6)  # noqa: E731
+    with torch.no_grad():
+        x = tok + (temb @ blk.time_proj.weight.T + blk.time_proj.bias)[:, None, :]
+        xh = _reference_tmsa(ref_attn, ln(x), temb, (8, 8)) + x
+        want = F.gelu(ln(xh) @ blk.mlp.fc1.weight.T + blk.mlp.fc1.bias, approximate="tanh") @ blk.mlp.fc2.weight.T \
+            + blk.mlp.fc2.bias + xh
+        torch.testing.assert_close(blk(tok, temb, (8, 8)), want, atol=1e-10, rtol=0)
+        # the attention itself ignores time: only the added token carries it
+        torch.testing.assert_close(blk.attn(tok, temb, (8, 8)), blk.attn(tok, temb.flip(0), (8, 8)), atol=0, rtol=0)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Networks
 
@@ -304,6 +329,30 @@ def test_labels_null_class_and_time_enter_through_tmsa():
                     mod.qkv_temb.bias.zero_()
             base = net(x, t, null)
             torch.testing.assert_close(net(x, t.flip(0), torch.tensor([0, 1, 2])), base, atol=0, rtol=0)
+
+
+def test_nets_without_tmsa_condition_through_the_added_token():
+    """tmsa=False everywhere: no TMSA time projection in the state dict, one width-sized time projection a
+    block (3x fewer time parameters), and t and y still reach the output (through `time_proj` alone)."""
+    for on, off in zip(_nets(), _nets(tmsa=False)):
+        keys_on, keys_off = set(on.state_dict()), set(off.state_dict())
+        assert any(k.endswith("attn.qkv_temb.weight") for k in keys_on)
+        assert not any("qkv_temb" in k for k in keys_off) and any(k.endswith("time_proj.weight") for k in keys_off)
+        per_block = lambda net, name: [p.numel() for n, p in net.named_parameters() if name in n]  # noqa: E731
+        assert [3 * n for n in per_block(off, "time_proj.weight")] == per_block(on, "qkv_temb.weight")
+        _randomise(off, 13, std=0.1)
+        s = 16 if isinstance(off, DiffiTUNet) else 8
+        x, t = torch.randn(3, off.in_channels, s, s), torch.tensor([5, 500, 900])
+        null = torch.full((3,), off.null_class)
+        with torch.no_grad():
+            base = off(x, t, null)
+            assert (off(x, t.flip(0), null) - base).abs().max() > 1e-4
+            assert (off(x, t, torch.tensor([0, 1, 2])) - base).abs().max() > 1e-4
+            for mod in off.modules():
+                if isinstance(mod, DiffiTBlock):
+                    mod.time_proj.weight.zero_()
+                    mod.time_proj.bias.zero_()
+            torch.testing.assert_close(off(x, t.flip(0), torch.tensor([0, 1, 2])), off(x, t, null), atol=0, rtol=0)
 
 
 def test_ddpm_loss_trains_every_parameter():
