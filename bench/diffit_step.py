@@ -1,6 +1,7 @@
 """What time-dependent attention costs, in one process: (1) forward + backward of one DiffiT block (TMSA with
 the relative-position bias as an SDPA mask, arXiv 2312.02139 Eq. 3-8) against one DiT block (adaLN-Zero,
-plain attention) at the same width and token count; (2) a training step (fwd + MSE + bwd) of latent
+plain attention) at the same width and token count, and against the DiffiT block without TMSA
+(model.tmsa=false: the time token added to the tokens); (2) a training step (fwd + MSE + bwd) of latent
 DiffiT against DiT at matched parameters (DiT's depth chosen so its count is closest to DiffiT's).
 
 Timed in alternating blocks (the order flips every repeat) after warm-up; `ratio` = DiffiT time / DiT time
@@ -87,15 +88,20 @@ def main(argv=None):
 
     # (1) one block, same width and tokens; the conditioning vector is the width (latent DiffiT's c)
     tmsa = dfn.DiffiTBlock(d, args.heads, d, args.grid).to(dev).train()
+    no_tmsa = dfn.DiffiTBlock(d, args.heads, d, args.grid, tmsa=False).to(dev).train()  # model.tmsa=false
     plain = ditn.DiTBlock(d, args.heads).to(dev).train()
     adaln = ditn.AdaLNModulations(d, 1).to(dev).train()  # DiT's per-block modulation, part of its block cost
     x = torch.randn(b, n, d, device=dev, requires_grad=True)
     c = torch.randn(b, d, device=dev)
 
-    def step_diffit():
-        with amp():
-            out = tmsa(x, c, hw)
-        out.float().square().mean().backward()
+    def diffit_block(blk):
+        def fn():
+            with amp():
+                out = blk(x, c, hw)
+            out.float().square().mean().backward()
+        return fn
+
+    step_diffit, step_no_tmsa = diffit_block(tmsa), diffit_block(no_tmsa)
 
     def step_dit():
         with amp():
@@ -103,9 +109,10 @@ def main(argv=None):
             out = plain(x, mods[0])
         out.float().square().mean().backward()
 
-    block_times = timed({"diffit": step_diffit, "dit": step_dit}, args, sync)
+    block_times = timed({"diffit": step_diffit, "dit": step_dit, "diffit_no_tmsa": step_no_tmsa}, args, sync)
     block = {k: statistics.median(v) for k, v in block_times.items()}
     block_params = {"diffit": sum(p.numel() for p in tmsa.parameters()),
+                    "diffit_no_tmsa": sum(p.numel() for p in no_tmsa.parameters()),
                     "dit": sum(p.numel() for p in plain.parameters()) + sum(p.numel() for p in adaln.parameters())}
 
     # (2) latent networks at matched parameters
@@ -139,8 +146,9 @@ def main(argv=None):
 
     result = dict(
         block=dict(ratio=round(block["diffit"] / block["dit"], 4), diffit_s=round(block["diffit"], 5),
-                   dit_s=round(block["dit"], 5), params=block_params, width=d, heads=args.heads, tokens=n, batch=b,
-                   flops=dict(diffit=flops(step_diffit), dit=flops(step_dit)),
+                   dit_s=round(block["dit"], 5), no_tmsa_s=round(block["diffit_no_tmsa"], 5),
+                   tmsa_over_no_tmsa=round(block["diffit"] / block["diffit_no_tmsa"], 4), params=block_params, width=d, heads=args.heads, tokens=n, batch=b,
+                   flops=dict(diffit=flops(step_diffit), dit=flops(step_dit), diffit_no_tmsa=flops(step_no_tmsa)),
                    times={k: [round(t, 5) for t in v] for k, v in block_times.items()}),
         latent=dict(ratio=round(nets["diffit"] / nets["dit"], 4), diffit_s=round(nets["diffit"], 4),
                     dit_s=round(nets["dit"], 4), diffit_arch=args.arch, diffit_params=n_a,
@@ -153,7 +161,8 @@ def main(argv=None):
         date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
     )
     print(f"block (width {d}, {n} tokens, batch {b}, {args.dtype}): DiffiT {block['diffit'] * 1e3:.1f} ms, "
-          f"DiT {block['dit'] * 1e3:.1f} ms, DiffiT/DiT time {result['block']['ratio']:.3f}")
+          f"DiT {block['dit'] * 1e3:.1f} ms, DiffiT/DiT time {result['block']['ratio']:.3f}; without TMSA "
+          f"(time token added) {block['diffit_no_tmsa'] * 1e3:.1f} ms, TMSA/no-TMSA {result['block']['tmsa_over_no_tmsa']:.3f}")
     print(f"latent {args.arch} ({n_a:,} params) vs DiT depth {best[0]} ({best[1]:,} params) at {res}x{res}: "
           f"DiffiT {nets['diffit']:.3f} s, DiT {nets['dit']:.3f} s, DiffiT/DiT time {result['latent']['ratio']:.3f}")
     tag = "" if dev.type == "cpu" else "_" + result["device"].lower().replace(" ", "-") + f"_{args.dtype}"
