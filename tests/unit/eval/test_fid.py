@@ -9,7 +9,6 @@ import warnings
 
 import numpy as np
 import pytest
-import scipy.linalg
 import torch
 import torch.nn as nn
 from PIL import Image
@@ -60,21 +59,22 @@ def test_frechet_distance_handles_rank_deficient_covariances():
     eig_trace = np.sqrt(np.linalg.eigvals(s1 @ s2).astype(complex)).real.sum()
     expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * eig_trace
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # scipy warns that the product is singular, which is the point
+        warnings.simplefilter("error")  # no eps*I retry and no singular-matrix warning on this route
         assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-3)
 
 
-def test_frechet_distance_retries_with_eps_when_sqrtm_is_not_finite():
-    """For this exactly singular pair scipy's sqrtm returns inf; sigma1 sigma2 = x (sigma2 x)^T has the
-    single eigenvalue x^T sigma2 x = 8, so the distance is tr(sigma1) + tr(sigma2) - 2 sqrt(8)."""
+def test_frechet_distance_of_an_exactly_singular_pair_matches_the_closed_form():
+    """An exactly singular pair on which a general matrix square root breaks down (scipy's sqrtm returned
+    inf here before scipy 1.17): sigma1 sigma2 = x (sigma2 x)^T has the single eigenvalue x^T sigma2 x = 8,
+    so the distance is tr(sigma1) + tr(sigma2) - 2 sqrt(8), and it must come out finite and exact."""
     x = np.array([1.0, -1.0, -1.0, 0.0])
     sigma1 = np.outer(x, x)
     sigma2 = np.array([[3.0, -1, 0, -2], [-1, 1, 0, 0], [0, 0, 2, 0], [-2, 0, 0, 2]])
+    assert np.linalg.matrix_rank(sigma1 @ sigma2) == 1  # the case being tested
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        assert not np.isfinite(scipy.linalg.sqrtm(sigma1 @ sigma2)).all()  # the case being tested
+        warnings.simplefilter("error")  # the eigenvalue route neither regularises nor warns
         fid = frechet_distance(np.zeros(4), sigma1, np.zeros(4), sigma2)
-    assert fid == pytest.approx(11 - 2 * np.sqrt(8), abs=1e-2)
+    assert fid == pytest.approx(11 - 2 * np.sqrt(8), abs=1e-6)
 
 
 def test_frechet_distance_rejects_non_psd_and_mismatched_inputs():
