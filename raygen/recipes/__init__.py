@@ -72,9 +72,9 @@ def register(recipe: Recipe) -> Recipe:
             raise TypeError(f"recipe {recipe.name!r}: {f} must be callable, got {value!r}")
     if recipe.name in _REGISTRY and _REGISTRY[recipe.name] is not recipe:
         old = _REGISTRY[recipe.name]
-        if (old.run.__module__, old.config.__qualname__) != (recipe.run.__module__, recipe.config.__qualname__):
-            raise TypeError(f"recipe {recipe.name!r} is registered twice ({old.run.__module__} and "
-                            f"{recipe.run.__module__})")
+        if (old.config.__module__, old.config.__qualname__) != (recipe.config.__module__, recipe.config.__qualname__):
+            raise TypeError(f"recipe {recipe.name!r} is registered twice ({old.config.__module__} and "
+                            f"{recipe.config.__module__})")
     _REGISTRY[recipe.name] = recipe
     return recipe
 

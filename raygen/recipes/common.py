@@ -11,6 +11,7 @@ import torch
 from raygen.core import storage
 from raygen.core.contracts import Task
 from raygen.data import images as image_data
+from raygen.recipes import Recipe, register
 
 
 @dataclass
@@ -22,7 +23,10 @@ class RunSection:
 
 
 class ImageTask(Task):
-    """Base of the image tasks: `cfg.data` decides classes, sample shape and how samples are shown."""
+    """Base of the image tasks: `cfg.data` decides classes, sample shape and how samples are shown. A
+    subclass names its method (`method_cls`, built from `cfg.method`) or overrides `build_method`."""
+
+    method_cls: type  # a raygen.core.contracts.Method subclass
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -46,6 +50,9 @@ class ImageTask(Task):
         if self.pixel_data is not None and image_data.channels(self.pixel_data) == 1:
             img = img.mean(1, keepdim=True)
         return img
+
+    def build_method(self):
+        return self.method_cls(self.cfg.method, self.num_classes)
 
     def preview(self, net, generator: torch.Generator, per_class: int = 8) -> torch.Tensor:
         """A class-per-column grid: `per_class` rows of every class, at the `eval.preview` settings."""
@@ -113,3 +120,28 @@ def reported_image_metrics(method_cls, cfg, eval_only: bool = False, during_trai
     if during_training or not cfg.eval.enabled:
         return train
     return train + eval_metrics(cfg.eval, image_data.pixel_source(cfg.data), method_cls.sampler_settings)
+
+
+def image_recipe(name: str, config: type, task: type, description: str, resolve=None, prepare=None) -> Recipe:
+    """Register a network x method recipe that runs the shared sequence: `run` trains and evaluates
+    `task(cfg)`, `evaluate` scores a trained run again, and the metrics reported are the evaluator's for
+    `task.method_cls`'s sampler. `prepare(cfg, runs_root)`, when given, turns the config into the one the
+    run reads before either (the U-Net recipes encode raw files into a pixel store there)."""
+    method_cls = getattr(task, "method_cls", None)
+    if method_cls is None:
+        raise TypeError(f"recipe {name!r}: task {task.__name__} must name its method (method_cls)")
+
+    def prepared(cfg, run_dir):
+        return prepare(cfg, Path(run_dir).parent.parent) if prepare else cfg  # <runs-root>/<recipe>/<run>
+
+    def run(cfg, run_dir, callbacks=()) -> dict:
+        return train_and_evaluate(task(prepared(cfg, run_dir)), run_dir, callbacks)
+
+    def evaluate(cfg, run_dir, trained_run) -> dict:
+        return evaluate_trained(task(prepared(cfg, run_dir)), run_dir, trained_run)
+
+    def reported_metrics(cfg, eval_only: bool = False, during_training: bool = False) -> list[str]:
+        return reported_image_metrics(method_cls, cfg, eval_only, during_training)
+
+    return register(Recipe(name=name, config=config, task=task, run=run, evaluate=evaluate, resolve=resolve,
+                           reported_metrics=reported_metrics, description=description))

@@ -16,8 +16,7 @@ from raygen.core.contracts import NetSpec
 from raygen.data import images as image_data
 from raygen.eval.evaluate import check_settings
 from raygen.methods.ddpm import DDPM
-from raygen.recipes import Recipe, register
-from raygen.recipes.common import evaluate_trained, reported_image_metrics, train_and_evaluate
+from raygen.recipes.common import image_recipe
 from raygen.recipes.dit import DiTConfig, DiTTask, learn_sigma
 
 NAME = "diffit"
@@ -101,19 +100,6 @@ def resolve(cfg: DiffiTConfig) -> DiffiTConfig:
     return cfg
 
 
-def run(cfg: DiffiTConfig, run_dir, callbacks=()) -> dict:
-    return train_and_evaluate(DiffiTTask(cfg), run_dir, callbacks)
-
-
-def evaluate(cfg: DiffiTConfig, run_dir, trained_run) -> dict:
-    return evaluate_trained(DiffiTTask(cfg), run_dir, trained_run)
-
-
-def reported_metrics(cfg: DiffiTConfig, eval_only: bool = False, during_training: bool = False) -> list[str]:
-    return reported_image_metrics(DDPM, cfg, eval_only, during_training)
-
-
-RECIPE = register(Recipe(name=NAME, config=DiffiTConfig, task=DiffiTTask, run=run, reported_metrics=reported_metrics,
-                         evaluate=evaluate, resolve=resolve,
-                         description="DiffiT (time-dependent self-attention) with DDPM training, learned variance "
-                                     "optional, respaced DDPM/DDIM sampling"))
+RECIPE = image_recipe(NAME, DiffiTConfig, DiffiTTask, resolve=resolve,
+                      description="DiffiT (time-dependent self-attention) with DDPM training, learned variance "
+                                  "optional, respaced DDPM/DDIM sampling")

@@ -1,20 +1,23 @@
-"""What the U-Net diffusion recipes (EDM, Beta diffusion / SDD) share: the network section (an EDM-family
-U-Net, raygen.nets.unet), the optional raw-file `source` that is encoded once into a pixel store, the
-image units EDM states its schedules in (thousands of training images), and the task that pairs a
-U-Net with a method. A recipe module (raygen.recipes.edm, raygen.recipes.sdd) adds only its method.
+"""What the U-Net diffusion recipes (EDM, Beta diffusion / SDD) share: the config sections (an EDM-family
+U-Net, raygen.nets.unet; the optional raw-file `source` that is encoded once into a pixel store), the
+checks, and the task that pairs a U-Net with a method. A recipe module (raygen.recipes.edm,
+raygen.recipes.sdd) adds only its method: the `method` section, `method_cls` and its registry record.
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from raygen.config import ConfigError
 from raygen.core.contracts import NetSpec
 from raygen.data import images as image_data
+from raygen.data.ingest import PixelStoreConfig
 from raygen.data.sources import SourceConfig
-from raygen.recipes.common import ImageTask
+from raygen.eval.evaluate import EvalConfig
+from raygen.recipes.common import ImageTask, RunSection
+from raygen.train.config import DebugConfig, LogConfig, OptimConfig, TrainConfig
 
 UNET_ARCHS = ("ddpmpp", "ncsnpp", "adm")
 
@@ -64,6 +67,23 @@ class UNetConfig:
         if self.channel_mult is not None:
             return len(self.channel_mult)
         return {"ddpmpp": 3, "ncsnpp": 3, "adm": 4}[self.arch]
+
+
+@dataclass
+class UNetRecipeConfig:
+    """The sections of a U-Net recipe; a recipe's subclass gives `method` its type (it keeps its place)."""
+
+    run: RunSection = field(default_factory=RunSection)
+    data: image_data.ImageDataConfig = field(default_factory=image_data.ImageDataConfig)
+    source: RawSourceConfig = field(default_factory=RawSourceConfig)  # how data.source=files is read
+    store: PixelStoreConfig = field(default_factory=PixelStoreConfig)  # where data.source=files is encoded
+    model: UNetConfig = field(default_factory=UNetConfig)
+    method: Any = None
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
 
 def check_unet_fits(model: UNetConfig, resolution: int, augment_p: float) -> None:
@@ -140,21 +160,3 @@ class UNetTask(ImageTask):
                                                  "in_channels": c, "out_channels": c,
                                                  "num_classes": self.num_classes, "augment_dim": m.augment_dim,
                                                  **m.overrides()})
-
-
-
-
-def run_unet(task_cls, cfg, run_dir, callbacks=()) -> dict:
-    """Encode `data.source=files` once (<runs-root>/<recipe>/<run> -> <runs-root>/stores), train, evaluate."""
-    from raygen.recipes.common import train_and_evaluate
-
-    cfg = prepare_pixel_store(cfg, Path(run_dir).parent.parent)
-    return train_and_evaluate(task_cls(cfg), run_dir, callbacks)
-
-
-def evaluate_unet(task_cls, cfg, run_dir, trained_run) -> dict:
-    """The EMA weights of `trained_run`, sampled and scored with this config's eval/method settings."""
-    from raygen.recipes.common import evaluate_trained
-
-    cfg = prepare_pixel_store(cfg, Path(run_dir).parent.parent)
-    return evaluate_trained(task_cls(cfg), run_dir, trained_run)

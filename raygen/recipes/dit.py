@@ -12,8 +12,7 @@ from raygen.data import images as image_data
 from raygen.eval.evaluate import EvalConfig, check_settings
 from raygen.methods.ddpm import DDPM, DDPMConfig
 from raygen.nets.dit import parse_arch
-from raygen.recipes import Recipe, register
-from raygen.recipes.common import ImageTask, RunSection, evaluate_trained, reported_image_metrics, train_and_evaluate
+from raygen.recipes.common import ImageTask, RunSection, image_recipe
 from raygen.train.config import DebugConfig, LogConfig, OptimConfig, TrainConfig
 
 NAME = "dit"
@@ -56,6 +55,7 @@ class DiTConfig:
 
 class DiTTask(ImageTask):
     recipe = NAME
+    method_cls = DDPM
 
     def net_spec(self) -> NetSpec:
         m = self.cfg.model
@@ -63,9 +63,6 @@ class DiTTask(ImageTask):
         return NetSpec("raygen.nets.dit:dit", {"name": m.arch, "input_size": self.cfg.data.resolution,
                                                "in_channels": self.sample_shape[0], "num_classes": self.num_classes,
                                                "mlp_ratio": m.mlp_ratio, **overrides, **learn_sigma(self.cfg.method)})
-
-    def build_method(self) -> DDPM:
-        return DDPM(self.cfg.method, self.num_classes)
 
 
 def learn_sigma(method: DDPMConfig) -> dict:
@@ -82,19 +79,5 @@ def resolve(cfg: DiTConfig) -> DiTConfig:
     return dataclasses.replace(cfg, data=data)
 
 
-def run(cfg: DiTConfig, run_dir, callbacks=()) -> dict:
-    return train_and_evaluate(DiTTask(cfg), run_dir, callbacks)
-
-
-def evaluate(cfg: DiTConfig, run_dir, trained_run) -> dict:
-    """The EMA weights of `trained_run`, sampled and scored with this config's eval/method settings."""
-    return evaluate_trained(DiTTask(cfg), run_dir, trained_run)
-
-
-def reported_metrics(cfg: DiTConfig, eval_only: bool = False, during_training: bool = False) -> list[str]:
-    return reported_image_metrics(DDPM, cfg, eval_only, during_training)
-
-
-RECIPE = register(Recipe(name=NAME, config=DiTConfig, task=DiTTask, run=run, reported_metrics=reported_metrics,
-                         evaluate=evaluate, resolve=resolve,
-                         description="class-conditional DiT with DDPM training and DDIM/DDPM sampling"))
+RECIPE = image_recipe(NAME, DiTConfig, DiTTask, resolve=resolve,
+                      description="class-conditional DiT with DDPM training and DDIM/DDPM sampling")

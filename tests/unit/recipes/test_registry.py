@@ -89,3 +89,40 @@ def test_unknown_recipe_lists_the_known_ones():
 
     with pytest.raises(ConfigError, match="unknown recipe 'nope'.*dit.*drifting"):
         recipes.get("nope")
+
+
+def test_a_second_recipe_under_a_taken_name_is_refused():
+    @dataclasses.dataclass
+    class OtherConfig(GoodConfig):
+        pass
+
+    register(Recipe(name="test_twice", config=GoodConfig, task=GoodTask, run=run, reported_metrics=metrics))
+    register(Recipe(name="test_twice", config=GoodConfig, task=GoodTask, run=run, reported_metrics=metrics))  # a re-import
+    with pytest.raises(TypeError, match="'test_twice' is registered twice"):
+        register(Recipe(name="test_twice", config=OtherConfig, task=GoodTask, run=run, reported_metrics=metrics))
+
+
+def test_image_recipes_name_their_method_and_share_the_sequence():
+    """The network x method recipes are one `image_recipe` call each: the method the task builds is the
+    one whose sampler settings the reported metrics follow, and a task that names no method is refused."""
+    from raygen.methods.ddpm import DDPM
+    from raygen.methods.edm import EDM
+    from raygen.methods.sdd import BetaDiffusion
+    from raygen.recipes.common import ImageTask, image_recipe
+
+    for name, method in (("dit", DDPM), ("diffit", DDPM), ("edm", EDM), ("sdd", BetaDiffusion)):
+        r = recipes.get(name)
+        assert r.task.method_cls is method and r.evaluate is not None
+        cfg = r.config()
+        cfg.eval.sweep = None
+        assert f"fid@{next(iter(method.sampler_settings))}=1" not in r.reported_metrics(cfg)
+        cfg.eval.sweep = {next(iter(method.sampler_settings)): [1, 2]}
+        assert f"fid@{next(iter(method.sampler_settings))}=1" in r.reported_metrics(cfg)
+
+    class NoMethod(ImageTask):
+        def net_spec(self):
+            return NetSpec("torch.nn:Identity")
+
+    with pytest.raises(TypeError, match="NoMethod must name its method"):
+        image_recipe("test_no_method", GoodConfig, NoMethod, description="")
+    assert "test_no_method" not in recipes.names()
