@@ -113,11 +113,11 @@ def test_image_recipes_name_their_method_and_share_the_sequence():
     for name, method in (("dit", DDPM), ("diffit", DDPM), ("edm", EDM), ("sdd", BetaDiffusion)):
         r = recipes.get(name)
         assert r.task.method_cls is method and r.evaluate is not None
-        cfg = r.config()
+        setting, cfg = next(iter(method.sampler_settings)), r.config()
         cfg.eval.sweep = None
-        assert f"fid@{next(iter(method.sampler_settings))}=1" not in r.reported_metrics(cfg)
-        cfg.eval.sweep = {next(iter(method.sampler_settings)): [1, 2]}
-        assert f"fid@{next(iter(method.sampler_settings))}=1" in r.reported_metrics(cfg)
+        assert f"fid@{setting}=1" not in r.reported_metrics(cfg)
+        cfg.eval.sweep = {setting: [1, 2]}
+        assert f"fid@{setting}=1" in r.reported_metrics(cfg)
 
     class NoMethod(ImageTask):
         def net_spec(self):
